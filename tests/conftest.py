@@ -1,0 +1,22 @@
+"""Shared test setup: the scripts import from the repo root, the hub is never contacted, tiny assets are built once."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests build their own tiny models; a hub call would be a bug
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+@pytest.fixture(scope="session")
+def ppo_assets(tmp_path_factory):
+    """Tiny GPT-2, DistilBERT classifier and review set, built by the script's own preset code."""
+    import ppo_gpt2_imdb
+
+    directory = str(tmp_path_factory.mktemp("ppo_tiny_assets"))
+    ppo_gpt2_imdb.build_tiny_assets(directory)
+    return directory

@@ -1,0 +1,178 @@
+"""PPO script: data preparation, the reward adapter, clear errors, a full tiny run, and learning."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import ppo_gpt2_imdb as ppo
+from conftest import REPO
+
+
+def stops_with(pattern, call, *args):
+    """`call(*args)` must stop with a SystemExit whose paragraph (whitespace folded) matches `pattern`."""
+    with pytest.raises(SystemExit) as stopped:
+        call(*args)
+    message = " ".join(str(stopped.value).split())
+    assert re.search(pattern, message), message
+    return str(stopped.value)
+
+
+def tiny_args(assets, tmp_path, *extra):
+    return ppo.parse_args(["--preset", "tiny", "--tiny_assets_dir", assets, "--output_dir", str(tmp_path), *extra])
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def test_preset_changes_defaults_but_explicit_flags_and_yaml_win(tmp_path):
+    default = ppo.parse_args([])
+    assert default.model_name_or_path == "lvwerra/gpt2-imdb" and default.learning_rate == 1.41e-5
+    assert default.batch_size == 128 and default.num_ppo_epochs == 4 and default.response_length == 16
+    tiny = ppo.parse_args(["--preset", "tiny", "--output_dir", str(tmp_path)])
+    assert tiny.model_name_or_path == os.path.join(str(tmp_path), "tiny_assets", "gpt2")
+    assert tiny.learning_rate == ppo.PRESETS["tiny"]["learning_rate"]
+    explicit = ppo.parse_args(["--preset", "tiny", "--learning_rate", "0.5", "--model_name_or_path", "my/model"])
+    assert explicit.learning_rate == 0.5 and explicit.model_name_or_path == "my/model"
+    config = tmp_path / "run.yaml"
+    config.write_text("kl_coef: 0.3\nbatch_size: 64\n")
+    from_yaml = ppo.parse_args(["--config", str(config), "--batch_size", "16"])
+    assert from_yaml.kl_coef == 0.3 and from_yaml.batch_size == 16  # CLI beats YAML beats defaults
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_prompts_are_long_reviews_cut_to_2_to_8_tokens_with_disjoint_held_out_set(ppo_assets, tmp_path):
+    args = tiny_args(ppo_assets, tmp_path)
+    tokenizer = ppo.load_policy_tokenizer(args)
+    train, held_out = ppo.load_prompts(args, tokenizer)
+    assert all(len(review) > args.min_review_chars for review in list(train["review"]) + list(held_out["review"]))
+    raw_train = [json.loads(line)["text"] for line in open(os.path.join(ppo_assets, "reviews", "train.jsonl"))]
+    assert len(train) == sum(len(text) > args.min_review_chars for text in raw_train) < len(raw_train)
+    lengths = [len(ids) for ids in list(train["input_ids"])]
+    assert min(lengths) == args.prompt_min_tokens and max(lengths) == args.prompt_max_tokens
+    for ids, review in zip(list(train["input_ids"])[:50], list(train["review"])[:50]):
+        assert ids == tokenizer(review, add_special_tokens=False)["input_ids"][: len(ids)]  # a true prefix
+    assert len(held_out) == args.num_eval_prompts
+    assert not set(held_out["review"]) & set(train["review"])
+    again = ppo.load_prompts(args, tokenizer)[1]
+    assert list(again["input_ids"]) == list(held_out["input_ids"])  # fixed: same prompts every run with the same seed
+
+
+def test_missing_text_column_and_empty_dataset_are_explained(ppo_assets, tmp_path):
+    args = tiny_args(ppo_assets, tmp_path, "--text_column", "body")
+    stops_with(r"no 'body' column \(it has: text, label\).*--text_column", ppo.load_prompts, args,
+               ppo.load_policy_tokenizer(args))
+    args = tiny_args(ppo_assets, tmp_path, "--min_review_chars", "100000")
+    stops_with("No review .* longer than --min_review_chars", ppo.load_prompts, args, ppo.load_policy_tokenizer(args))
+
+
+# ---------------------------------------------------------------------------------------------- models
+def test_pad_token_is_added_and_distinct_from_eos(ppo_assets, tmp_path):
+    args = tiny_args(ppo_assets, tmp_path)
+    tokenizer = ppo.load_policy_tokenizer(args)
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+    policy, ref_policy, value_model = ppo.load_policy_models(args, tokenizer)
+    assert policy.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert value_model.score.out_features == 1
+    assert ref_policy is not policy and not any(p.requires_grad for p in ref_policy.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), ref_policy.parameters()))
+
+
+def test_reward_adapter_matches_calling_the_classifier_directly(ppo_assets, tmp_path):
+    from trl.experimental.utils import get_reward
+
+    args = tiny_args(ppo_assets, tmp_path)
+    tokenizer = ppo.load_policy_tokenizer(args)
+    reward = ppo.load_reward_model(args, tokenizer)
+    texts = ["The acting was wonderful and the story was moving.", "Every scene was dull.",
+             "To me the film seemed", "Honestly, the ending felt awful, even painful. Skip this one."]
+    queries = [tokenizer(t[:12], add_special_tokens=False)["input_ids"] for t in texts]
+    responses = [tokenizer(t[12:], add_special_tokens=False)["input_ids"] for t in texts]
+    # Lay the batch out as the trainer does: left-padded queries, responses right-padded after an EOS.
+    context = max(map(len, queries))
+    width = max(map(len, responses)) + 1
+    rows = [[tokenizer.pad_token_id] * (context - len(q)) + q + r + [tokenizer.eos_token_id]
+            + [tokenizer.pad_token_id] * (width - len(r) - 1) for q, r in zip(queries, responses)]
+    _, scores, _ = get_reward(reward, torch.tensor(rows), tokenizer.pad_token_id, context)
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(os.path.join(ppo_assets, "distilbert")).eval()
+    classifier_tokenizer = AutoTokenizer.from_pretrained(os.path.join(ppo_assets, "distilbert"))
+    decoded = tokenizer.batch_decode([q + r for q, r in zip(queries, responses)])
+    assert decoded == texts
+    with torch.no_grad():
+        batch = classifier_tokenizer(decoded, padding=True, truncation=True, return_tensors="pt",
+                                     return_token_type_ids=False)
+        direct = classifier(**batch).logits[:, classifier.config.label2id["POSITIVE"]]
+    torch.testing.assert_close(scores, direct)
+    assert classifier.config.label2id["POSITIVE"] == 0  # tiny classifier puts POSITIVE first, unlike the real one
+    assert scores[0] > scores[1] and scores[3] < scores[0]
+
+
+def test_unknown_positive_label_is_explained(ppo_assets, tmp_path):
+    args = tiny_args(ppo_assets, tmp_path, "--positive_label", "LABEL_1")
+    stops_with(r"no label 'LABEL_1'.*NEGATIVE.*POSITIVE.*--positive_label", ppo.load_reward_model, args,
+               ppo.load_policy_tokenizer(args))
+
+
+# ---------------------------------------------------------------------------------------------- clear errors
+@pytest.mark.parametrize("setting, value, expected", [
+    ("--model_name_or_path", "./no/such/model", r"--model_name_or_path='./no/such/model' looks like a local path"),
+    ("--model_name_or_path", "someone/not-downloaded", r"Hub cannot be reached.*--model_name_or_path.*--preset tiny"),
+    ("--reward_model_name_or_path", "someone/not-downloaded",
+     r"Hub cannot be reached.*--reward_model_name_or_path"),
+    ("--dataset_name", "someone/no-dataset", r"Hub cannot be reached.*--dataset_name"),
+    ("--batch_size", "31", r"--batch_size \(31\) must be a multiple of --num_mini_batches \(2\)"),
+    ("--learning_rate", "0", r"--learning_rate must be positive"),
+    ("--response_length", "100", r"exceeds the policy's context of 64 tokens"),
+])
+def test_bad_settings_stop_with_one_paragraph(ppo_assets, tmp_path, setting, value, expected):
+    message = stops_with(expected, ppo.main, ["--preset", "tiny", "--tiny_assets_dir", ppo_assets,
+                                              "--output_dir", str(tmp_path), setting, value])
+    assert message.strip().count("\n\n") == 0 and len(message) < 800  # one short paragraph
+    assert not os.path.exists(tmp_path / "eval.json")
+
+
+def test_gated_model_message_names_the_fix():
+    message = ppo.explain_load_error(OSError("You are trying to access a gated repo. 401 Client Error"),
+                                     "meta-llama/Llama-2-7b-hf", "model_name_or_path")
+    assert "gated" in message and "HF_TOKEN" in message and "--model_name_or_path" in message
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_tiny_run_from_the_command_line_saves_a_loadable_policy_and_eval_json(ppo_assets, tmp_path):
+    out = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, "ppo_gpt2_imdb.py", "--preset", "tiny", "--output_dir", str(out), "--tiny_assets_dir",
+         ppo_assets, "--total_episodes", "128", "--num_eval_prompts", "16"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Held-out evaluation" in completed.stdout and "reference" in completed.stdout
+    result = json.loads((out / "eval.json").read_text())
+    for name in ("reference", "trained"):
+        assert isinstance(result[name]["reward_mean"], float) and result[name]["num_prompts"] == 16
+        assert len(result[name]["samples"]) == 16
+    assert result["reference"]["kl_to_reference"] == 0.0
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    generated = policy.generate(**tokenizer(["The film"], return_tensors="pt"), max_new_tokens=5, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > 2
+    value_model = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert value_model.config.num_labels == 1
+
+
+def test_ppo_learns_to_write_positive_reviews_across_seeds(ppo_assets, tmp_path):
+    """Margin: after 40 PPO updates the trained policy's held-out reward mean beats the reference's by more than
+    1.5 logits (measured on 2 CPU cores: seed 0 1.69 -> 3.88, seed 1 1.21 -> 3.68)."""
+    for seed in (0, 1):
+        result = ppo.main(["--preset", "tiny", "--tiny_assets_dir", ppo_assets, "--output_dir",
+                           str(tmp_path / f"seed{seed}"), "--seed", str(seed), "--total_episodes", "1280"])
+        gain = result["trained"]["reward_mean"] - result["reference"]["reward_mean"]
+        print(f"seed {seed}: reference {result['reference']['reward_mean']:.2f} -> trained "
+              f"{result['trained']['reward_mean']:.2f}")
+        assert gain > 1.5, f"seed {seed}: reward gain {gain:.2f}"
+        assert result["trained"]["kl_to_reference"] > 0
