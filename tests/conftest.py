@@ -20,3 +20,24 @@ def ppo_assets(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("ppo_tiny_assets"))
     ppo_gpt2_imdb.build_tiny_assets(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def dpo_assets(tmp_path_factory):
+    """Tiny Llama, Llama-style tokenizer and preference set, built by the DPO script's own preset code."""
+    import dpo_llama2_stackexchange
+
+    directory = str(tmp_path_factory.mktemp("dpo_tiny_assets"))
+    dpo_llama2_stackexchange.build_tiny_assets(directory)
+    return directory
+
+
+def stops_with(pattern, call, *args):
+    """`call(*args)` must stop with a SystemExit whose paragraph (whitespace folded) matches `pattern`."""
+    import re
+
+    with pytest.raises(SystemExit) as stopped:
+        call(*args)
+    message = " ".join(str(stopped.value).split())
+    assert re.search(pattern, message), message
+    return str(stopped.value)

@@ -1,7 +1,6 @@
 """PPO script: data preparation, the reward adapter, clear errors, a full tiny run, and learning."""
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -10,16 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import ppo_gpt2_imdb as ppo
-from conftest import REPO
-
-
-def stops_with(pattern, call, *args):
-    """`call(*args)` must stop with a SystemExit whose paragraph (whitespace folded) matches `pattern`."""
-    with pytest.raises(SystemExit) as stopped:
-        call(*args)
-    message = " ".join(str(stopped.value).split())
-    assert re.search(pattern, message), message
-    return str(stopped.value)
+from conftest import REPO, stops_with
 
 
 def tiny_args(assets, tmp_path, *extra):

@@ -1,0 +1,247 @@
+"""DPO script: pairs and filtering, the prompt boundary, 4-bit + LoRA, the reference, a tiny run, and learning."""
+import json
+import os
+import subprocess
+import sys
+
+import bitsandbytes
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOTrainer
+
+import dpo_llama2_stackexchange as dpo
+from conftest import REPO, stops_with
+
+LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def tiny_args(assets, tmp_path, *extra):
+    return dpo.parse_args(["--preset", "tiny", "--tiny_assets_dir", assets, "--output_dir", str(tmp_path), *extra])
+
+
+def write_pairs(directory, rows, data_dir="data/rl"):
+    os.makedirs(os.path.join(directory, data_dir), exist_ok=True)
+    with open(os.path.join(directory, data_dir, "train.jsonl"), "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return str(directory)
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def test_defaults_follow_the_recipe_and_reach_the_trainer(tmp_path):
+    args = dpo.parse_args([])
+    assert (args.model_name_or_path, args.beta, args.learning_rate) == ("meta-llama/Llama-2-7b-hf", 0.1, 5e-4)
+    assert (args.max_length, args.max_prompt_length, args.optim) == (1024, 512, "paged_adamw_32bit")
+    # The anchor declared a weight decay and never passed it, and read an undefined num_proc.
+    config = dpo.build_dpo_config(dpo.parse_args(["--device", "cpu", "--optim", "adamw_torch",
+                                                  "--weight_decay", "0.07", "--dataset_num_proc", "2",
+                                                  "--output_dir", str(tmp_path)]))
+    assert config.weight_decay == 0.07 and config.dataset_num_proc == 2 and config.beta == 0.1
+    assert config.max_length == 1024 and config.optim == "adamw_torch" and config.gradient_checkpointing
+    assert dpo.build_dpo_config(dpo.parse_args(["--device", "cpu", "--optim", "adamw_torch"])).weight_decay == 0.05
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_pairs_map_to_the_recipe_text_with_the_prompt_a_true_token_prefix(dpo_assets, tmp_path):
+    args = tiny_args(dpo_assets, tmp_path)
+    tokenizer = dpo.load_tokenizer(args)
+    question, good, bad = "How do I join two strings in go?", "Use the concatenation operator.", "Use a set."
+    pair = dpo.make_pair(question, good, bad)
+    assert pair["prompt"] + pair["chosen"] == "Question: " + question + "\n\nAnswer: " + good
+    assert pair["prompt"] + pair["rejected"] == "Question: " + question + "\n\nAnswer: " + bad
+
+    naive_prompt = "Question: " + question + "\n\nAnswer: "
+    naive = tokenizer(naive_prompt)["input_ids"]
+    assert tokenizer(naive_prompt + good)["input_ids"][: len(naive)] != naive  # the trap is real here
+
+    pairs = dpo.load_pairs(args, tokenizer, args.train_data_dir, None)
+    for row in pairs.select(range(50)):
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        assert tokenizer(row["prompt"] + row["chosen"])["input_ids"][: len(prompt_ids)] == prompt_ids
+        assert tokenizer(row["prompt"] + row["rejected"])["input_ids"][: len(prompt_ids)] == prompt_ids
+
+    # Through TRL's own tokenization: each completion keeps its first word.
+    holder = type("Holder", (), {"_tokenizer": tokenizer})()
+    config = dpo.build_dpo_config(args)
+    tokenized = DPOTrainer._prepare_dataset(holder, Dataset.from_list([pair]), tokenizer, config, "train")
+    assert tokenizer.decode(tokenized[0]["chosen_ids"], skip_special_tokens=True) == good
+    assert tokenizer.decode(tokenized[0]["rejected_ids"], skip_special_tokens=True) == bad
+
+
+def test_pairs_are_filtered_by_tokens_not_characters_with_parallel_map(dpo_assets, tmp_path):
+    short_in_chars = "日本語の質問です" * 2  # 16 characters, but about 50 byte-fallback tokens
+    long_in_chars = " ".join(["How do I reverse a list in python?"] * 3)  # 104 characters, under 48 tokens
+    rows = [{"question": q, "response_j": "Use the reversed function.", "response_k": "Use a set."}
+            for q in (short_in_chars, long_in_chars)]
+    directory = write_pairs(tmp_path / "pairs", rows)
+    args = tiny_args(dpo_assets, tmp_path, "--dataset_name", directory, "--dataset_num_proc", "2")
+    tokenizer = dpo.load_tokenizer(args)
+    assert len(tokenizer(dpo.make_pair(short_in_chars, "", "")["prompt"])["input_ids"]) > args.max_prompt_length
+    kept = dpo.load_pairs(args, tokenizer, "data/rl", None)
+    assert list(kept["prompt"]) == [dpo.make_pair(long_in_chars, "", "")["prompt"]]
+
+    args = tiny_args(dpo_assets, tmp_path)
+    pairs = dpo.load_pairs(args, tokenizer, args.train_data_dir, None)
+    assert 0 < len(pairs) < 600  # the tiny set has a few overlong questions
+    for row in pairs:
+        assert len(tokenizer(row["prompt"])["input_ids"]) <= args.max_prompt_length
+        longest = max(len(tokenizer(row["prompt"] + row[key])["input_ids"]) for key in ("chosen", "rejected"))
+        assert longest + 1 <= args.max_length
+
+
+def test_missing_columns_and_empty_datasets_are_explained(dpo_assets, tmp_path):
+    directory = write_pairs(tmp_path / "wrong", [{"question": "q", "answer": "a"}])
+    args = tiny_args(dpo_assets, tmp_path, "--dataset_name", directory)
+    tokenizer = dpo.load_tokenizer(args)
+    stops_with(r"lacks the column\(s\) response_j, response_k \(it has: question, answer\).*--dataset_name",
+               dpo.load_pairs, args, tokenizer, "data/rl", None)
+    args = tiny_args(dpo_assets, tmp_path, "--max_prompt_length", "3")
+    stops_with(r"No pair .* fits --max_prompt_length 3", dpo.load_pairs, args, tokenizer, "data/rl", None)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def test_base_is_loaded_in_4bit_nf4_with_double_quantisation(dpo_assets, tmp_path, monkeypatch):
+    args = tiny_args(dpo_assets, tmp_path)
+    model = dpo.load_model(args)
+    layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    assert len(layers) == 2 * len(LLAMA_PROJECTIONS)  # every projection of both layers
+    assert all(layer.weight.quant_state.quant_type == "nf4" for layer in layers)
+    assert all(layer.weight.quant_state.nested for layer in layers)  # double quantisation
+    assert not any(p.requires_grad for p in model.parameters())  # frozen base, ready for k-bit training
+    # On a GPU the compute dtype is bf16 (the anchor's bare load_in_4bit meant fp4 with fp32 compute).
+    monkeypatch.setattr(dpo, "on_gpu", lambda args: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu_config = dpo.quantization_config(args)
+    assert gpu_config.bnb_4bit_quant_type == "nf4" and gpu_config.bnb_4bit_use_double_quant
+    assert gpu_config.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_lora_covers_every_attention_and_mlp_projection(dpo_assets, tmp_path):
+    args = tiny_args(dpo_assets, tmp_path)
+    model = dpo.load_model(args)
+    config = dpo.lora_config(args, model)
+    assert set(config.target_modules) == LLAMA_PROJECTIONS
+    peft_model = get_peft_model(model, config)
+    adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == LLAMA_PROJECTIONS
+    stops_with(r"--lora_target_modules names fc_in, wte, which this model does not have",
+               dpo.lora_config, tiny_args(dpo_assets, tmp_path, "--lora_target_modules", "q_proj,fc_in,wte"),
+               dpo.load_model(args))
+
+
+def lora_gradients(model, tokenizer, seed=0):
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, dpo.lora_config(dpo.parse_args([]), model))
+    peft_model.train()
+    batch = tokenizer(["Question: How do I merge two lists in go?\n\nAnswer: Use list concatenation."],
+                      return_tensors="pt")
+    peft_model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {name: p.grad.clone() for name, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def test_lora_gradients_after_an_eval_pass_equal_those_of_a_fresh_load(dpo_assets, tmp_path):
+    """Guards bitsandbytes' CPU repack bug (wrong LoRA gradients after an eval-mode no-grad forward on CPUs with
+    AVX512-BF16): the script turns the repack off on every 4-bit layer."""
+    args = tiny_args(dpo_assets, tmp_path)
+    tokenizer = dpo.load_tokenizer(args)
+    fresh = lora_gradients(dpo.load_model(args), tokenizer)
+    model = dpo.load_model(args)
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit))
+    pairs = dpo.load_pairs(args, tokenizer, args.eval_data_dir, 8)
+    dpo.evaluate(model, tokenizer, pairs, args)  # eval mode, no grad, and a generate: every trigger of the bug
+    after_eval = lora_gradients(model, tokenizer)
+    assert fresh.keys() == after_eval.keys() and len(fresh) == 4 * len(LLAMA_PROJECTIONS)
+    for name in fresh:
+        torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-4, atol=1e-6)
+
+
+def test_reference_is_the_same_base_with_adapters_disabled(dpo_assets, tmp_path):
+    args = tiny_args(dpo_assets, tmp_path, "--eval_steps", "0")
+    tokenizer = dpo.load_tokenizer(args)
+    model = dpo.load_model(args)
+    ids = tokenizer(["Question: How do I sort a dictionary by value in ruby?\n\nAnswer:"], return_tensors="pt")
+    with torch.no_grad():
+        base_logits = model(**ids).logits
+    pairs = dpo.load_pairs(args, tokenizer, args.train_data_dir, 64)
+    trainer = DPOTrainer(model=model, ref_model=None, args=dpo.build_dpo_config(args), train_dataset=pairs,
+                         processing_class=tokenizer, peft_config=dpo.lora_config(args, model))
+    assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
+    with torch.no_grad():
+        for module in trainer.model.modules():  # move the adapters away from their zero start
+            if hasattr(module, "lora_B"):
+                for weight in module.lora_B.values():
+                    weight.weight.fill_(0.01)
+        trainer.model.eval()
+        assert not torch.allclose(trainer.model(**ids).logits, base_logits)
+        with trainer.model.disable_adapter():
+            torch.testing.assert_close(trainer.model(**ids).logits, base_logits)
+
+
+def test_gated_model_message_says_how_to_get_access():
+    message = dpo.explain_load_error(OSError("Cannot access gated repo for url ... 401 Client Error"),
+                                     "meta-llama/Llama-2-7b-hf", "model_name_or_path")
+    assert "license" in message and "HF_TOKEN" in message and "huggingface-cli login" in message
+    assert "--model_name_or_path" in message and "--preset tiny" in message
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--model_name_or_path", "meta-llama/Llama-2-7b-hf"], r"Hub cannot be reached.*--model_name_or_path"),
+    (["--model_name_or_path", "./missing/llama"], r"looks like a local path, but nothing exists there"),
+    (["--max_prompt_length", "200", "--max_length", "100"], r"--max_prompt_length \(200\) must be below"),
+    (["--optim", "paged_adamw_32bit"], r"--optim paged_adamw_32bit needs a CUDA GPU"),
+    (["--beta", "0"], r"--beta must be positive"),
+])
+def test_bad_settings_stop_before_training(dpo_assets, tmp_path, extra, expected):
+    stops_with(expected, dpo.main, ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir",
+                                    str(tmp_path), *extra])
+    assert not os.path.exists(tmp_path / "eval.json")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_tiny_run_saves_an_adapter_that_loads_back_and_generates(dpo_assets, tmp_path):
+    out = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, "dpo_llama2_stackexchange.py", "--preset", "tiny", "--output_dir", str(out),
+         "--tiny_assets_dir", dpo_assets, "--max_steps", "10", "--eval_steps", "5", "--merge_full_model", "true"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Held-out preference evaluation" in completed.stdout
+    result = json.loads((out / "eval.json").read_text())
+    for name in ("base", "trained"):
+        assert 0.0 <= result[name]["accuracy"] <= 1.0 and isinstance(result[name]["margin"], float)
+        assert len(result[name]["generations"]) == 3
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(dpo_assets, "llama"))
+    model = PeftModel.from_pretrained(base, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["Question: How do I merge two lists in go?\n\nAnswer:"], return_tensors="pt")
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert generated.shape[1] > batch["input_ids"].shape[1]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_path, monkeypatch):
+    """Margin: held-out preference accuracy rises by at least 0.25 over the base's (measured on 2 CPU cores with
+    the tiny preset: seed 0 0.50 -> 0.97, seed 1 0.47 -> 0.91), and only one base model is ever loaded."""
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting_from_pretrained(cls, *args, **kwargs):
+        loads.append(args[0])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting_from_pretrained))
+    for seed in (0, 1):
+        loads.clear()
+        result = dpo.main(["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir",
+                           str(tmp_path / f"seed{seed}"), "--seed", str(seed)])
+        base, trained = result["base"], result["trained"]
+        print(f"seed {seed}: base accuracy {base['accuracy']:.3f} -> trained {trained['accuracy']:.3f}, "
+              f"implicit reward margin {trained['implicit_reward_margin']:.3f}")
+        assert len(loads) == 1, loads
+        assert trained["accuracy"] >= base["accuracy"] + 0.25
+        assert trained["implicit_reward_margin"] > 0.5 and trained["margin"] > base["margin"]
