@@ -608,12 +608,17 @@ def main(argv=None) -> dict:
         args=build_dpo_config(args), train_dataset=train_pairs,
         eval_dataset=eval_pairs if args.eval_steps > 0 else None, processing_class=tokenizer, peft_config=peft_config)
     print(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.device}")
+    train_started = time.time()
     trainer.train()
+    train_seconds = time.time() - train_started
+    steps = trainer.state.global_step
+    peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
     save_outputs(trainer, tokenizer, args)  # before evaluation: nothing trained is lost if it fails
 
     trained_result, _ = evaluate(trainer.model, tokenizer, eval_pairs, args, base_logratios)
     result = {"base": base_result, "trained": trained_result, "args": asdict(args),
-              "seconds": round(time.time() - started, 1)}
+              "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2), "steps": steps,
+              "seconds_per_step": round(train_seconds / max(steps, 1), 4), "peak_gpu_memory_gib": peak_gib}
     if trainer.accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as handle:
             json.dump(result, handle, indent=2)

@@ -677,13 +677,20 @@ def main(argv=None) -> dict:
     reward.pop_recent_rewards()
     print(f"Training: {config.num_total_batches} PPO updates of {args.batch_size} prompts on "
           f"{trainer.accelerator.device}")
+    train_started = time.time()
     trainer.train()
+    train_seconds = time.time() - train_started
     save_outputs(trainer, tokenizer, args)  # before evaluation: nothing trained is lost if it fails
 
     trained_policy = trainer.accelerator.unwrap_model(trainer.model).policy
     trained_result = evaluate(trained_policy, ref_policy, reward, tokenizer, eval_prompts, args)
     result = {"reference": reference_result, "trained": trained_result, "args": asdict(args),
-              "seconds": round(time.time() - started, 1)}
+              "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
+              "updates": config.num_total_batches,
+              "seconds_per_update": round(train_seconds / config.num_total_batches, 4),
+              "samples_per_second": round(config.num_total_batches * config.batch_size / train_seconds, 2),
+              "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+              if torch.cuda.is_available() else None}
     if trainer.accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as handle:
             json.dump(result, handle, indent=2)

@@ -213,6 +213,7 @@ def test_tiny_run_saves_an_adapter_that_loads_back_and_generates(dpo_assets, tmp
     for name in ("base", "trained"):
         assert 0.0 <= result[name]["accuracy"] <= 1.0 and isinstance(result[name]["margin"], float)
         assert len(result[name]["generations"]) == 3
+    assert result["steps"] == 10 and result["seconds_per_step"] > 0
     base = AutoModelForCausalLM.from_pretrained(os.path.join(dpo_assets, "llama"))
     model = PeftModel.from_pretrained(base, out)
     tokenizer = AutoTokenizer.from_pretrained(out)

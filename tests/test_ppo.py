@@ -145,6 +145,7 @@ def test_tiny_run_from_the_command_line_saves_a_loadable_policy_and_eval_json(pp
         assert isinstance(result[name]["reward_mean"], float) and result[name]["num_prompts"] == 16
         assert len(result[name]["samples"]) == 16
     assert result["reference"]["kl_to_reference"] == 0.0
+    assert result["updates"] == 4 and result["seconds_per_update"] > 0 and result["samples_per_second"] > 0
     policy = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
