@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import random
+import signal
 import sys
 import textwrap
 import time
@@ -23,9 +24,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
+from accelerate import PartialState
 from datasets import load_dataset
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer, TrlParser
 
 
@@ -78,6 +81,7 @@ class Args:
     logging_steps: int = arg(10, "log metrics every N steps")
     eval_steps: int = arg(100, "evaluate on the held-out pairs every N steps; 0: never during training")
     save_steps: int = arg(100, "save a checkpoint every N steps; 0: no periodic checkpoints")
+    resume: Optional[str] = arg(None, "continue from a checkpoint: 'latest' (bare --resume) or a checkpoint dir")
 
     # Evaluation and saving
     num_eval_generations: int = arg(3, "held-out questions answered by the base and the trained model")
@@ -117,6 +121,10 @@ PRESETS = {
 
 def parse_args(argv=None) -> Args:
     """Parse CLI and YAML into `Args`; a preset's values become defaults so explicit flags still win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
+        if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "latest")
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--preset", default=None, choices=[None, *PRESETS])
     preset = peek.parse_known_args(argv)[0].preset
@@ -203,12 +211,35 @@ def validate(args: Args):
         fail("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device auto or cpu.")
     if args.optim.startswith("paged_") and not on_gpu(args):
         fail(f"--optim {args.optim} needs a CUDA GPU. On a CPU use --optim adamw_torch.")
+    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume!r} is not a directory. Use --resume alone for the latest checkpoint in "
+             f"--output_dir, or give a checkpoint-N directory.")
+    check_writable(args.output_dir)
     if args.load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401
         except Exception as err:  # a broken native library raises more than ImportError
             fail(f"--load_in_4bit needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}). "
                  f"Install a bitsandbytes build for this machine, or pass --load_in_4bit false (needs far more memory).")
+
+
+def check_writable(directory: str):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        fail(f"--output_dir {directory!r} is not writable ({err.strerror}). Choose a directory you can write to.")
+
+
+def check_context(args: Args):
+    """The model must hold --max_length tokens: read its config before loading any weights."""
+    config = load_or_explain(AutoConfig.from_pretrained, args.model_name_or_path, "model_name_or_path")
+    context = getattr(config, "max_position_embeddings", None)
+    if context and args.max_length > context:
+        fail(f"--max_length ({args.max_length}) exceeds the model's context of {context} tokens. Lower --max_length.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,6 +443,79 @@ def report(base: dict, trained: dict, wandb_run=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Training and saving
 # ----------------------------------------------------------------------------------------------------------------
+class StopRequest:
+    """First Ctrl-C or SIGTERM: finish the current step, save a checkpoint and exit. A second one stops at once."""
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.signal_name:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: finishing this step, then saving a checkpoint (again to stop at once).",
+              file=sys.stderr, flush=True)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + getattr(signal, self.signal_name)  # 130 for Ctrl-C, 143 for SIGTERM: the shell's convention
+
+
+class StopOnSignal(TrainerCallback):
+    """Turns a stop request into the Trainer's own save-and-stop at the end of the current step."""
+
+    def __init__(self, stop: StopRequest):
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.signal_name:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class QLoRADPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer, with the LoRA weights kept in one dtype. TRL 1.12 casts them to bf16 for any 4-bit model
+    (even on a CPU that computes in fp32), while resuming reloads them in fp32: a resumed run would continue in
+    another precision than the run it resumes. Here they stay in the compute dtype: bf16 on GPU, fp32 on CPU."""
+
+    def __init__(self, *args, adapter_dtype: torch.dtype, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter_dtype = adapter_dtype
+        self.cast_adapters()
+
+    def cast_adapters(self):
+        for param in self.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(self.adapter_dtype)
+
+    def _load_from_checkpoint(self, *args, **kwargs):
+        super()._load_from_checkpoint(*args, **kwargs)
+        self.cast_adapters()  # before the optimizer is built from these parameters
+
+
+def resolve_checkpoint(args: Args) -> Optional[str]:
+    if args.resume is None:
+        return None
+    checkpoint = get_last_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+    if checkpoint is None:
+        fail(f"--resume: no checkpoint-N directory in --output_dir {args.output_dir!r}. Give the output dir of the "
+             f"interrupted run, or a checkpoint path.")
+    return checkpoint
+
+
+def resume_command(checkpoint: str) -> str:
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return f"python {os.path.basename(sys.argv[0])} {' '.join(args)} --resume {checkpoint}".replace("  ", " ")
+
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -590,28 +694,53 @@ def main(argv=None) -> dict:
     validate(args)
     if args.preset == "tiny":
         build_tiny_assets(args.tiny_assets_dir)
+    check_context(args)
+    checkpoint = resolve_checkpoint(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     prepare_tracking(args)
-    started = time.time()
+    stop = StopRequest()
+    stop.install()
+    try:
+        return train_and_evaluate(args, checkpoint, stop)
+    finally:
+        stop.uninstall()
 
+
+def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest) -> dict:
+    started = time.time()
     tokenizer = load_tokenizer(args)
     train_pairs = load_pairs(args, tokenizer, args.train_data_dir, args.max_train_samples)
     eval_pairs = load_pairs(args, tokenizer, args.eval_data_dir, args.max_eval_samples)
     model = load_model(args)
     peft_config = lora_config(args, model)
 
-    print(f"Scoring the base model on {len(eval_pairs)} held-out pairs ...")
-    base_result, base_logratios = evaluate(model, tokenizer, eval_pairs, args)
-    trainer = DPOTrainer(
+    base_cache = os.path.join(args.output_dir, "base_eval.pt")  # a resumed run does not score the base again
+    if checkpoint and os.path.exists(base_cache):
+        base_result, base_logratios = torch.load(base_cache)
+    else:
+        print(f"Scoring the base model on {len(eval_pairs)} held-out pairs ...")
+        base_result, base_logratios = evaluate(model, tokenizer, eval_pairs, args)
+        if PartialState().is_main_process:
+            torch.save((base_result, base_logratios), base_cache)
+    trainer = QLoRADPOTrainer(
         model=model, ref_model=None,  # with a peft_config, the reference is the base with adapters disabled
         args=build_dpo_config(args), train_dataset=train_pairs,
-        eval_dataset=eval_pairs if args.eval_steps > 0 else None, processing_class=tokenizer, peft_config=peft_config)
-    print(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.device}")
+        eval_dataset=eval_pairs if args.eval_steps > 0 else None, processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[StopOnSignal(stop)], adapter_dtype=compute_dtype(args))
+    if stop.signal_name:
+        fail(f"Stopped by {stop.signal_name} before training began: nothing to save.")
+    print(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.device}"
+          + (f", resuming from {checkpoint}" if checkpoint else ""))
     train_started = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - train_started
     steps = trainer.state.global_step
+    if stop.signal_name:
+        saved = os.path.join(args.output_dir, f"checkpoint-{steps}")
+        print(f"\nStopped by {stop.signal_name} after step {steps} of {args.max_steps}; checkpoint saved in {saved}."
+              f"\nResume with:\n  {resume_command(saved)}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code)
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
     save_outputs(trainer, tokenizer, args)  # before evaluation: nothing trained is lost if it fails
 

@@ -246,3 +246,76 @@ def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_
         assert len(loads) == 1, loads
         assert trained["accuracy"] >= base["accuracy"] + 0.25
         assert trained["implicit_reward_margin"] > 0.5 and trained["margin"] > base["margin"]
+
+
+# ---------------------------------------------------------------------------------------------- resume, interrupts
+def adapter_weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path):
+    """Tolerance: adapter weights equal within 1e-5 (measured: bit-identical on CPU)."""
+    common = ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--max_steps", "20", "--save_steps", "10",
+              "--eval_steps", "0", "--num_eval_generations", "0", "--max_eval_samples", "16"]
+    straight = tmp_path / "straight"
+    dpo.main([*common, "--output_dir", str(straight)])
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
+
+    crashed = tmp_path / "crashed"  # as if the machine died right after the step-10 checkpoint
+    import shutil
+    shutil.copytree(straight / "checkpoint-10", crashed / "checkpoint-10")
+    result = dpo.main([*common, "--output_dir", str(crashed), "--resume"])
+    assert result["steps"] == 20
+    state = json.loads((crashed / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["global_step"] == 20
+    expected, resumed = adapter_weights(straight), adapter_weights(crashed)
+    assert expected.keys() == resumed.keys()
+    # TRL casts 4-bit models' adapters to bf16 and reloads checkpoints in fp32; both runs must train in fp32 here.
+    assert {w.dtype for w in expected.values()} == {w.dtype for w in resumed.values()} == {torch.float32}
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_prints_how_to_resume_and_exits_non_zero(dpo_assets, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "dpo_llama2_stackexchange.py", "--preset", "tiny", "--tiny_assets_dir", dpo_assets,
+         "--output_dir", str(out), "--max_steps", "2000", "--save_steps", "0", "--eval_steps", "0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if line.startswith("Training:"):
+            time.sleep(3)
+            child.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + child.stdout.read()
+    assert child.wait(timeout=120) == 143, output[-3000:]
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
+    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
+    assert 0 < step < 2000
+    assert f"Stopped by SIGTERM after step {step} of 2000" in output
+    assert f"--resume {checkpoints[0]}" in output and "Traceback" not in output
+
+
+def test_resume_without_a_checkpoint_is_explained(dpo_assets, tmp_path):
+    stops_with(r"--resume: no checkpoint-N directory in --output_dir", dpo.main,
+               ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir", str(tmp_path), "--resume"])
+
+
+def test_more_bad_settings_stop_before_training(dpo_assets, tmp_path, monkeypatch):
+    common = ["--preset", "tiny", "--tiny_assets_dir", dpo_assets]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    stops_with(r"--output_dir .* is not writable", dpo.main, [*common, "--output_dir", str(blocker / "out")])
+    stops_with(r"--max_length \(4096\) exceeds the model's context of 128 tokens", dpo.main,
+               [*common, "--output_dir", str(tmp_path), "--max_length", "4096"])
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine where it cannot be imported
+    stops_with(r"--load_in_4bit needs bitsandbytes, which cannot run here.*--load_in_4bit false", dpo.main,
+               [*common, "--output_dir", str(tmp_path)])
