@@ -226,7 +226,7 @@ def validate(args: Args):
 def check_writable(directory: str):
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, ".write_test")
+        probe = os.path.join(directory, f".write_test_{os.getpid()}")  # one per process: no race
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -288,7 +288,7 @@ def load_pairs(args: Args, tokenizer, data_dir: str, cap: Optional[int]):
     dataset = dataset.filter(
         lambda prompt, total: prompt <= args.max_prompt_length and total <= args.max_length,
         input_columns=["prompt_tokens", "total_tokens"], num_proc=args.dataset_num_proc)
-    print(f"{data_dir}: kept {len(dataset)} of {read} pairs; dropped {read - len(dataset)} over "
+    PartialState().print(f"{data_dir}: kept {len(dataset)} of {read} pairs; dropped {read - len(dataset)} over "
           f"--max_prompt_length {args.max_prompt_length} or --max_length {args.max_length} tokens")
     if len(dataset) == 0:
         fail(f"No pair in '{args.dataset_name}' ({data_dir}) fits --max_prompt_length {args.max_prompt_length} and "
@@ -330,7 +330,7 @@ def guard_cpu_4bit_gradients(model):
 
 
 def load_model(args: Args):
-    device = torch.cuda.current_device() if on_gpu(args) else "cpu"
+    device = PartialState().local_process_index if on_gpu(args) else "cpu"  # each process its own GPU
     model = load_or_explain(
         lambda name: AutoModelForCausalLM.from_pretrained(
             name, quantization_config=quantization_config(args), dtype=compute_dtype(args), device_map={"": device}),
@@ -692,8 +692,12 @@ def build_tiny_assets(directory: str, seed: int = 0):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     validate(args)
+    # The first PartialState fixes the process group; on a machine without GPUs it must be told to use the CPU, or
+    # processes started by `accelerate launch`/torchrun would each train alone.
+    PartialState(cpu=not on_gpu(args))
     if args.preset == "tiny":
-        build_tiny_assets(args.tiny_assets_dir)
+        with PartialState().main_process_first():  # with several processes, one builds and the others reuse
+            build_tiny_assets(args.tiny_assets_dir)
     check_context(args)
     checkpoint = resolve_checkpoint(args)
     random.seed(args.seed)
@@ -709,9 +713,11 @@ def main(argv=None) -> dict:
 
 def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest) -> dict:
     started = time.time()
+    say = PartialState().print  # progress lines from the main process only
     tokenizer = load_tokenizer(args)
-    train_pairs = load_pairs(args, tokenizer, args.train_data_dir, args.max_train_samples)
-    eval_pairs = load_pairs(args, tokenizer, args.eval_data_dir, args.max_eval_samples)
+    with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
+        train_pairs = load_pairs(args, tokenizer, args.train_data_dir, args.max_train_samples)
+        eval_pairs = load_pairs(args, tokenizer, args.eval_data_dir, args.max_eval_samples)
     model = load_model(args)
     peft_config = lora_config(args, model)
 
@@ -719,7 +725,7 @@ def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest)
     if checkpoint and os.path.exists(base_cache):
         base_result, base_logratios = torch.load(base_cache)
     else:
-        print(f"Scoring the base model on {len(eval_pairs)} held-out pairs ...")
+        say(f"Scoring the base model on {len(eval_pairs)} held-out pairs ...")
         base_result, base_logratios = evaluate(model, tokenizer, eval_pairs, args)
         if PartialState().is_main_process:
             torch.save((base_result, base_logratios), base_cache)
@@ -730,7 +736,7 @@ def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest)
         callbacks=[StopOnSignal(stop)], adapter_dtype=compute_dtype(args))
     if stop.signal_name:
         fail(f"Stopped by {stop.signal_name} before training began: nothing to save.")
-    print(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.device}"
+    say(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.num_processes} x {trainer.accelerator.device}"
           + (f", resuming from {checkpoint}" if checkpoint else ""))
     train_started = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)

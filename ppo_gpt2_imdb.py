@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
 import sys
 import textwrap
@@ -29,8 +30,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental print
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from datasets import load_dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          DataCollatorWithPadding, TrainerCallback)
 from trl import TrlParser
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -66,6 +69,7 @@ class Args:
     prompt_min_tokens: int = arg(2, "shortest prompt, in policy tokens")
     prompt_max_tokens: int = arg(8, "longest prompt, in policy tokens (each prompt's length is drawn uniformly)")
     num_eval_prompts: int = arg(128, "held-out prompts scored before and after training")
+    eval_batch_size: int = arg(64, "prompts per generation batch in evaluation (kept apart from training's batch)")
     dataset_num_proc: Optional[int] = arg(None, "processes for dataset tokenisation; None: one")
 
     # Generation (TRL's PPO trainer always samples with top_k=0, top_p=1.0)
@@ -91,6 +95,8 @@ class Args:
     run_name: Optional[str] = arg(None, "run name on the tracker; None: generated")
     logging_steps: int = arg(1, "log metrics every N PPO updates")
     sample_every: int = arg(10, "log a table of (prompt, response, reward) samples every N PPO updates; 0: never")
+    save_steps: int = arg(50, "save a resumable checkpoint every N PPO updates; 0: none (Ctrl-C still saves one)")
+    resume: Optional[str] = arg(None, "continue from a checkpoint: 'latest' (bare --resume) or a checkpoint dir")
     save_value_model: bool = arg(True, "also save the value model (to OUTPUT_DIR/value_model)")
     push_to_hub: bool = arg(False, "push the trained policy and tokenizer to the hub")
     hub_model_id: Optional[str] = arg(None, "hub repo for push_to_hub; None: the output dir's name")
@@ -120,6 +126,10 @@ PRESETS = {
 
 def parse_args(argv=None) -> Args:
     """Parse CLI and YAML into `Args`; a preset's values become defaults so explicit flags still win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
+        if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "latest")
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--preset", default=None, choices=[None, *PRESETS])
     preset = peek.parse_known_args(argv)[0].preset
@@ -186,6 +196,9 @@ def validate(args: Args):
     positive = dict(
         response_length=args.response_length, prompt_min_tokens=args.prompt_min_tokens, batch_size=args.batch_size,
         num_ppo_epochs=args.num_ppo_epochs, num_eval_prompts=args.num_eval_prompts, learning_rate=args.learning_rate,
+        num_mini_batches=args.num_mini_batches, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        reward_batch_size=args.reward_batch_size, temperature=args.temperature, eval_batch_size=args.eval_batch_size,
+        total_episodes=1 if args.total_episodes is None else args.total_episodes,
     )
     for name, value in positive.items():
         if not value > 0:
@@ -208,6 +221,21 @@ def validate(args: Args):
         fail(f"--device must be auto, cuda or cpu, got {args.device!r}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device auto or cpu.")
+    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume!r} is not a directory. Use --resume alone for the latest checkpoint in "
+             f"--output_dir, or give a checkpoint-N directory.")
+    check_writable(args.output_dir)
+
+
+def check_writable(directory: str):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_test_{os.getpid()}")  # one per process: no race
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        fail(f"--output_dir {directory!r} is not writable ({err.strerror}). Choose a directory you can write to.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,19 +391,26 @@ def load_reward_model(args: Args, policy_tokenizer) -> SentimentReward:
 def generate_responses(model, tokenizer, prompts: list[list[int]], args: Args, seed: int) -> list[list[int]]:
     """One sampled response per prompt (the rollouts' sampling: top_k=0, top_p=1), cut after the first EOS."""
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # same seed for reference and trained policy: a paired comparison
     responses = []
-    for start in range(0, len(prompts), args.batch_size):
-        batch = tokenizer.pad({"input_ids": prompts[start : start + args.batch_size]}, return_tensors="pt").to(device)
-        output = model.generate(
-            **batch, max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=1.0,
-            temperature=args.temperature, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        for row in output[:, batch["input_ids"].shape[1] :].tolist():
-            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            responses.append([token for token in row[:end] if token != tokenizer.pad_token_id])
-    torch.random.set_rng_state(generator_state)
+    # Same seed for reference and trained policy (a paired comparison), without disturbing training's RNG.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), args.eval_batch_size):
+            responses += sample_batch(model, tokenizer, prompts[start : start + args.eval_batch_size], args)
+    return responses
+
+
+def sample_batch(model, tokenizer, prompts: list[list[int]], args: Args) -> list[list[int]]:
+    device = next(model.parameters()).device
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(device)
+    output = model.generate(
+        **batch, max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=1.0,
+        temperature=args.temperature, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    responses = []
+    for row in output[:, batch["input_ids"].shape[1] :].tolist():
+        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        responses.append([token for token in row[:end] if token != tokenizer.pad_token_id])
     return responses
 
 
@@ -456,8 +491,114 @@ class SentimentPPOTrainer(PPOTrainer):
         super().log(logs, *args, **kwargs)
 
     def generate_completions(self, sampling: bool = False):
-        super().generate_completions(sampling)
+        # Sample tables must not shift training's random numbers (a resumed run would diverge from the original).
+        with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
+            super().generate_completions(sampling)
         self.reward_model.pop_recent_rewards()  # sample-table rewards are not rollout rewards
+
+
+class ResumableBatches:
+    """Prompt batches in a fixed order per (seed, epoch), each process taking its own slice, starting at any update.
+    TRL's loader reshuffles from the global RNG and always starts at the first batch, so it cannot be resumed."""
+
+    def __init__(self, dataset, batch_size: int, collator, seed: int, rank: int, world_size: int, first_update: int):
+        self.dataset, self.batch_size, self.collator = dataset, batch_size, collator
+        self.seed, self.rank, self.world_size, self.first_update = seed, rank, world_size, first_update
+        self.updates_per_epoch = len(dataset) // (batch_size * world_size)
+
+    def __iter__(self):
+        update = self.first_update
+        while True:
+            epoch, index = divmod(update, self.updates_per_epoch)
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+            start = (index * self.world_size + self.rank) * self.batch_size
+            yield self.collator([self.dataset[i] for i in order[start : start + self.batch_size].tolist()])
+            update += 1
+
+
+class StopRequest:
+    """First Ctrl-C or SIGTERM: finish the current update, save a checkpoint and exit. A second one stops at once."""
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.signal_name:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: finishing this update, then saving a checkpoint (again to stop at once).",
+              file=sys.stderr, flush=True)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + getattr(signal, self.signal_name)  # 130 for Ctrl-C, 143 for SIGTERM: the shell's convention
+
+
+class Stopped(Exception):
+    """Raised after the checkpoint of an interrupted run is saved (TRL's PPO loop has no stop flag of its own)."""
+
+
+class Checkpoints(TrainerCallback):
+    """Saves what a faithful continuation needs, every `save_steps` updates and when a stop is requested: policy and
+    value model, optimizer, learning-rate schedule, every RNG (accelerate's save_state), and the update and episode
+    counters. On resume, restores the counters that TRL's loop resets when it starts."""
+
+    def __init__(self, trainer, args: Args, stop: StopRequest):
+        self.trainer, self.args, self.stop = trainer, args, stop
+        self.resumed: Optional[dict] = None  # the counters of the checkpoint this run continues from
+        trainer.accelerator.register_for_checkpointing(trainer.lr_scheduler)
+
+    def save(self, state) -> str:
+        directory = os.path.join(self.args.output_dir, f"checkpoint-{state.global_step}")
+        self.trainer.accelerator.save_state(directory, safe_serialization=False)  # GPT-2 ties two weights
+        if self.trainer.accelerator.is_main_process:
+            with open(os.path.join(directory, "counters.json"), "w") as handle:
+                json.dump({"global_step": state.global_step, "episode": state.episode}, handle)
+        self.trainer.accelerator.wait_for_everyone()
+        return directory
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.resumed:
+            state.global_step, state.episode = self.resumed["global_step"], self.resumed["episode"]
+            state.max_steps = self.resumed["global_step"] + args.num_total_batches
+
+    def on_step_end(self, args, state, control, **kwargs):
+        periodic = self.args.save_steps > 0 and state.global_step % self.args.save_steps == 0
+        if periodic or self.stop.signal_name:
+            directory = self.save(state)
+            if self.stop.signal_name:
+                raise Stopped(directory)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    steps = [int(name.split("-")[1]) for name in os.listdir(output_dir)
+             if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+             and os.path.exists(os.path.join(output_dir, name, "counters.json"))] if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def resolve_checkpoint(args: Args) -> Optional[str]:
+    if args.resume is None:
+        return None
+    checkpoint = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+    if checkpoint is None or not os.path.exists(os.path.join(checkpoint, "counters.json")):
+        fail(f"--resume: no checkpoint of this script in {checkpoint or args.output_dir!r} (a checkpoint-N "
+             f"directory with counters.json). Give the output dir of the interrupted run, or a checkpoint path.")
+    return checkpoint
+
+
+def resume_command(checkpoint: str) -> str:
+    kept = [a for a in sys.argv[1:] if a != "--resume"]
+    return " ".join(["python", os.path.basename(sys.argv[0]), *kept, "--resume", checkpoint])
 
 
 def wandb_has_credentials() -> bool:
@@ -482,8 +623,12 @@ def prepare_tracking(args: Args):
               "(`wandb sync` uploads it later).")
 
 
+def on_gpu(args: Args) -> bool:
+    return args.device != "cpu" and torch.cuda.is_available()
+
+
 def build_ppo_config(args: Args, eval_size: int) -> PPOConfig:
-    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    gpu = on_gpu(args)
     return PPOConfig(
         output_dir=args.output_dir,
         seed=args.seed,
@@ -511,24 +656,26 @@ def build_ppo_config(args: Args, eval_size: int) -> PPOConfig:
         logging_steps=args.logging_steps,
         save_strategy="no",
         dataset_num_proc=args.dataset_num_proc,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU
+        use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU
     )
 
 
 def save_outputs(trainer, tokenizer, args: Args):
-    """Policy + tokenizer (loadable with AutoModelForCausalLM.from_pretrained) and the value model."""
-    trainer.save_model(args.output_dir)
+    """Policy + tokenizer (loadable with AutoModelForCausalLM.from_pretrained) and the value model, written once.
+    Not through TRL 1.12's save_model: with several processes it looks for `.policy` on the DDP wrapper, misses it
+    and tries to save the whole wrapper (and its other ranks fail on an attribute TRL never sets)."""
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.accelerator.is_main_process:
+        unwrapped.policy.save_pretrained(args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
         if args.save_value_model:
-            value_model = trainer.accelerator.unwrap_model(trainer.model).value_model
-            value_model.save_pretrained(os.path.join(args.output_dir, "value_model"))
-    if args.push_to_hub:
-        policy = trainer.accelerator.unwrap_model(trainer.model).policy
-        repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        policy.push_to_hub(repo)
-        tokenizer.push_to_hub(repo)
+            unwrapped.value_model.save_pretrained(os.path.join(args.output_dir, "value_model"))
+        if args.push_to_hub:
+            repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+            unwrapped.policy.push_to_hub(repo)
+            tokenizer.push_to_hub(repo)
+    trainer.accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -652,17 +799,32 @@ def fit(model, examples: list[dict], steps: int, lr: float, batch_size: int = 32
 def main(argv=None) -> dict:
     args = parse_args(argv)
     validate(args)
+    # The first PartialState fixes the process group; on a machine without GPUs it must be told to use the CPU, or
+    # processes started by `accelerate launch`/torchrun would each train alone.
+    PartialState(cpu=not on_gpu(args))
     if args.preset == "tiny":
-        build_tiny_assets(args.tiny_assets_dir, seed=0)
+        with PartialState().main_process_first():  # with several processes, one builds and the others reuse
+            build_tiny_assets(args.tiny_assets_dir, seed=0)
+    checkpoint = resolve_checkpoint(args)
     set_seed(args.seed)
     prepare_tracking(args)
-    started = time.time()
+    stop = StopRequest()
+    stop.install()
+    try:
+        return train_and_evaluate(args, checkpoint, stop)
+    finally:
+        stop.uninstall()
 
+
+def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest) -> dict:
+    started = time.time()
+    say = PartialState().print  # progress lines from the main process only
     tokenizer = load_policy_tokenizer(args)
-    train_prompts, eval_prompts = load_prompts(args, tokenizer)
+    with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
+        train_prompts, eval_prompts = load_prompts(args, tokenizer)
     policy, ref_policy, value_model = load_policy_models(args, tokenizer)
     reward = load_reward_model(args, tokenizer)
-    print(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held-out prompts")
+    say(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held-out prompts")
 
     config = build_ppo_config(args, eval_size=len(eval_prompts))
     trainer = SentimentPPOTrainer(
@@ -671,24 +833,49 @@ def main(argv=None) -> dict:
         eval_dataset=eval_prompts.select_columns(["input_ids"]))
     if args.sample_every > 0:
         trainer.sample_generations_freq = args.sample_every  # TRL spreads a fixed count; we want every N updates
+    total_updates = config.num_total_batches
 
-    print("Scoring the reference policy on the held-out prompts ...")
+    say("Scoring the reference policy on the held-out prompts ...")
     reference_result = evaluate(ref_policy, ref_policy, reward, tokenizer, eval_prompts, args)
     reward.pop_recent_rewards()
-    print(f"Training: {config.num_total_batches} PPO updates of {args.batch_size} prompts on "
-          f"{trainer.accelerator.device}")
+
+    checkpoints = Checkpoints(trainer, args, stop)  # registers the schedule with accelerate's save/load_state
+    counters = None
+    if checkpoint:
+        trainer.accelerator.load_state(checkpoint)  # weights, optimizer, schedule and every RNG
+        with open(os.path.join(checkpoint, "counters.json")) as handle:
+            counters = checkpoints.resumed = json.load(handle)
+        config.num_total_batches = total_updates - counters["global_step"]  # TRL's loop runs this many updates
+    trainer.add_callback(checkpoints)
+    trainer.dataloader = ResumableBatches(
+        train_prompts.select_columns(["input_ids"]), config.local_batch_size, DataCollatorWithPadding(tokenizer),
+        args.seed, trainer.accelerator.process_index, trainer.accelerator.num_processes,
+        first_update=counters["global_step"] if counters else 0)
+    if stop.signal_name:
+        fail(f"Stopped by {stop.signal_name} before training began: nothing to save.")
+    done = counters["global_step"] if counters else 0
+    say(f"Training: {total_updates} PPO updates of {args.batch_size} prompts per process on "
+        f"{trainer.accelerator.num_processes} x {trainer.accelerator.device}"
+          + (f", resuming after update {done} from {checkpoint}" if checkpoint else ""))
     train_started = time.time()
-    trainer.train()
+    try:
+        trainer.train()
+    except Stopped as stopped:
+        print(f"\nStopped by {stop.signal_name} after update {trainer.state.global_step} of {total_updates}; "
+              f"checkpoint saved in {stopped}.\nResume with:\n  {resume_command(str(stopped))}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code)
     train_seconds = time.time() - train_started
+    updates_run = total_updates - done
     save_outputs(trainer, tokenizer, args)  # before evaluation: nothing trained is lost if it fails
 
     trained_policy = trainer.accelerator.unwrap_model(trainer.model).policy
     trained_result = evaluate(trained_policy, ref_policy, reward, tokenizer, eval_prompts, args)
     result = {"reference": reference_result, "trained": trained_result, "args": asdict(args),
               "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
-              "updates": config.num_total_batches,
-              "seconds_per_update": round(train_seconds / config.num_total_batches, 4),
-              "samples_per_second": round(config.num_total_batches * config.batch_size / train_seconds, 2),
+              "updates": total_updates, "updates_this_run": updates_run,
+              "seconds_per_update": round(train_seconds / max(updates_run, 1), 4),
+              "samples_per_second": round(updates_run * config.batch_size / train_seconds, 2),
               "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
               if torch.cuda.is_available() else None}
     if trainer.accelerator.is_main_process:

@@ -41,3 +41,21 @@ def stops_with(pattern, call, *args):
     message = " ".join(str(stopped.value).split())
     assert re.search(pattern, message), message
     return str(stopped.value)
+
+
+def accelerate_launch(script: str, args: list, processes: int = 2, timeout: int = 900):
+    """Run `accelerate launch --multi_gpu --num_processes N script args` from the repo root, on a free port.
+    On a machine without GPUs this starts N CPU processes joined over gloo (accelerate 1.15's `--cpu` flag starts
+    only one process: its multi-CPU launcher needs mpirun)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), script, *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})

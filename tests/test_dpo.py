@@ -193,6 +193,7 @@ def test_gated_model_message_says_how_to_get_access():
     (["--max_prompt_length", "200", "--max_length", "100"], r"--max_prompt_length \(200\) must be below"),
     (["--optim", "paged_adamw_32bit"], r"--optim paged_adamw_32bit needs a CUDA GPU"),
     (["--beta", "0"], r"--beta must be positive"),
+    (["--max_steps", "0"], r"--max_steps must be positive"),
 ])
 def test_bad_settings_stop_before_training(dpo_assets, tmp_path, extra, expected):
     stops_with(expected, dpo.main, ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir",
@@ -304,6 +305,17 @@ def test_sigterm_saves_a_checkpoint_prints_how_to_resume_and_exits_non_zero(dpo_
     assert f"--resume {checkpoints[0]}" in output and "Traceback" not in output
 
 
+def test_wandb_without_credentials_falls_back_to_offline(tmp_path, monkeypatch, capsys):
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    dpo.prepare_tracking(dpo.parse_args(["--report_to", "wandb"]))
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert "offline" in capsys.readouterr().out
+
+
 def test_resume_without_a_checkpoint_is_explained(dpo_assets, tmp_path):
     stops_with(r"--resume: no checkpoint-N directory in --output_dir", dpo.main,
                ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir", str(tmp_path), "--resume"])
@@ -319,3 +331,26 @@ def test_more_bad_settings_stop_before_training(dpo_assets, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine where it cannot be imported
     stops_with(r"--load_in_4bit needs bitsandbytes, which cannot run here.*--load_in_4bit false", dpo.main,
                [*common, "--output_dir", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+def test_two_processes_match_one_process_with_the_same_global_batch(dpo_assets, tmp_path):
+    """accelerate launch --num_processes 2 --cpu, 8 pairs per process, against one process with 16: same data per
+    step, gradients averaged, so the same result (LoRA dropout off so that both are deterministic). Files are
+    written once, by the main process."""
+    from conftest import accelerate_launch
+
+    common = ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--max_steps", "30", "--eval_steps", "0",
+              "--lora_dropout", "0", "--num_eval_generations", "1", "--save_steps", "15"]
+    single = dpo.main([*common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"])
+    launched = accelerate_launch("dpo_llama2_stackexchange.py",
+                                 [*common, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "8"])
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert launched.stdout.count("Held-out preference evaluation") == 1  # the report comes once
+    assert launched.stdout.count("Training: 30 DPO steps on 2 x cpu") == 1
+    double = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
+    assert double["base"]["accuracy"] == single["base"]["accuracy"]
+    for key in ("accuracy", "implicit_reward_accuracy"):
+        assert abs(double["trained"][key] - single["trained"][key]) <= 0.02, (key, double["trained"], single["trained"])
+    assert double["trained"]["margin"] == pytest.approx(single["trained"]["margin"], rel=0.02)
