@@ -59,3 +59,35 @@ def accelerate_launch(script: str, args: list, processes: int = 2, timeout: int 
                "--main_process_port", str(port), script, *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_then_sigterm(script: str, args: list, seconds_into_training: float = 3.0):
+    """Start `python script args`, send SIGTERM a few seconds after it prints "Training:", and return its exit
+    code and everything it printed (stdout and stderr together)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, script, *args], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if line.startswith("Training:"):
+            time.sleep(seconds_into_training)
+            child.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + child.stdout.read()
+    return child.wait(timeout=120), output
+
+
+@pytest.fixture
+def no_wandb_credentials(tmp_path, monkeypatch):
+    """No API key, no ~/.netrc, no WANDB_MODE, and standard input that is not a terminal."""
+    import sys
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
