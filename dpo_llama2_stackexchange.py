@@ -765,9 +765,10 @@ def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest)
         report(base_result, trained_result, wandb_run)
         print(f"Saved the LoRA adapter, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
     if args.merge_full_model and trainer.accelerator.is_main_process:
-        del trainer, model
+        del trainer, model  # free the 4-bit base before loading an unquantised one
         gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         merge_full_model(args, tokenizer)
     return result
 
