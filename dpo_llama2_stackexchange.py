@@ -438,6 +438,7 @@ def report(base: dict, trained: dict, wandb_run=None):
                     wandb_run.summary[f"eval/{name}/{key}"] = value
         rows = [[b["prompt"], b["answer"], t["answer"]] for b, t in zip(base["generations"], trained["generations"])]
         wandb_run.log({"eval/generations": wandb.Table(columns=["question", "base", "trained"], data=rows)})
+        wandb_run.finish()  # flush and close the run: the evaluation is the last thing it records
 
 
 # ----------------------------------------------------------------------------------------------------------------

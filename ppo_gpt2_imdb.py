@@ -475,6 +475,7 @@ def report(reference: dict, trained: dict, wandb_run=None):
                 for r, t in zip(reference["samples"], trained["samples"])]
         columns = ["prompt", "reference response", "reference reward", "trained response", "trained reward"]
         wandb_run.log({"eval/samples": wandb.Table(columns=columns, data=rows)})
+        wandb_run.finish()  # flush and close the run: the evaluation is the last thing it records
 
 
 # ----------------------------------------------------------------------------------------------------------------

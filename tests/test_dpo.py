@@ -337,3 +337,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(dpo_assets, 
     for key in ("accuracy", "implicit_reward_accuracy"):
         assert abs(double["trained"][key] - single["trained"][key]) <= 0.02, (key, double["trained"], single["trained"])
     assert double["trained"]["margin"] == pytest.approx(single["trained"]["margin"], rel=0.02)
+
+
+def test_wandb_offline_run_records_the_evaluation_and_closes_cleanly(dpo_assets, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "dpo_llama2_stackexchange.py"), "--preset", "tiny", "--tiny_assets_dir",
+         dpo_assets, "--output_dir", str(tmp_path / "run"), "--report_to", "wandb", "--max_steps", "10",
+         "--eval_steps", "5"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    output = completed.stdout + completed.stderr
+    assert "eval_rewards/accuracies" in output and "rewards/margins" in output
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    assert [p.name.split("_")[0] for p in (run / "files" / "media" / "table").rglob("*.table.json")] == ["generations"]
+    assert "ERROR" not in (run / "logs" / "debug.log").read_text()

@@ -253,3 +253,17 @@ def test_two_processes_learn_and_write_once(ppo_assets, tmp_path):
     assert len(list((tmp_path / "two" / "checkpoint-40").glob("random_states_*.pkl"))) == 2  # every rank's RNG
     # TRL 1.12's save_model fails with several processes (it saves the DDP wrapper); the script saves the policy.
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "two").config.model_type == "gpt2"
+
+
+def test_wandb_offline_run_records_sample_tables_reward_spread_and_closes_cleanly(ppo_assets, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "ppo_gpt2_imdb.py"), "--preset", "tiny", "--tiny_assets_dir", ppo_assets,
+         "--output_dir", str(tmp_path / "run"), "--report_to", "wandb", "--total_episodes", "320",
+         "--sample_every", "5", "--logging_steps", "1", "--num_eval_prompts", "16"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "objective/scores_std" in completed.stdout + completed.stderr  # logged beside TRL's reward mean
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    tables = sorted(p.name.split("_")[0] for p in (run / "files" / "media" / "table").rglob("*.table.json"))
+    assert tables == ["completions", "completions", "samples"]  # updates 1 and 6 of 10, then the evaluation
+    assert "ERROR" not in (run / "logs" / "debug.log").read_text()
