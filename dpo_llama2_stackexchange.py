@@ -514,8 +514,9 @@ def resolve_checkpoint(args: Args) -> Optional[str]:
 
 
 def resume_command(checkpoint: str) -> str:
-    args = [a for a in sys.argv[1:] if a != "--resume"]
-    return f"python {os.path.basename(sys.argv[0])} {' '.join(args)} --resume {checkpoint}".replace("  ", " ")
+    kept = [a for a in sys.argv[1:] if a != "--resume"]
+    return " ".join(["python", os.path.basename(sys.argv[0]), *kept, "--resume", checkpoint])
+
 
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -738,7 +739,7 @@ def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest)
     if stop.signal_name:
         fail(f"Stopped by {stop.signal_name} before training began: nothing to save.")
     say(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.num_processes} x {trainer.accelerator.device}"
-          + (f", resuming from {checkpoint}" if checkpoint else ""))
+        + (f", resuming from {checkpoint}" if checkpoint else ""))
     train_started = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - train_started

@@ -828,9 +828,10 @@ def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest)
     say(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held-out prompts")
 
     config = build_ppo_config(args, eval_size=len(eval_prompts))
+    train_ids = train_prompts.select_columns(["input_ids"])
     trainer = SentimentPPOTrainer(
         args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy, reward_model=reward,
-        value_model=value_model, train_dataset=train_prompts.select_columns(["input_ids"]),
+        value_model=value_model, train_dataset=train_ids,
         eval_dataset=eval_prompts.select_columns(["input_ids"]))
     if args.sample_every > 0:
         trainer.sample_generations_freq = args.sample_every  # TRL spreads a fixed count; we want every N updates
@@ -841,23 +842,22 @@ def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest)
     reward.pop_recent_rewards()
 
     checkpoints = Checkpoints(trainer, args, stop)  # registers the schedule with accelerate's save/load_state
-    counters = None
+    done = 0  # updates already trained, by the run this one resumes
     if checkpoint:
         trainer.accelerator.load_state(checkpoint)  # weights, optimizer, schedule and every RNG
         with open(os.path.join(checkpoint, "counters.json")) as handle:
-            counters = checkpoints.resumed = json.load(handle)
-        config.num_total_batches = total_updates - counters["global_step"]  # TRL's loop runs this many updates
+            checkpoints.resumed = json.load(handle)
+        done = checkpoints.resumed["global_step"]
+        config.num_total_batches = total_updates - done  # TRL's loop runs this many updates
     trainer.add_callback(checkpoints)
     trainer.dataloader = ResumableBatches(
-        train_prompts.select_columns(["input_ids"]), config.local_batch_size, DataCollatorWithPadding(tokenizer),
-        args.seed, trainer.accelerator.process_index, trainer.accelerator.num_processes,
-        first_update=counters["global_step"] if counters else 0)
+        train_ids, config.local_batch_size, DataCollatorWithPadding(tokenizer), args.seed,
+        trainer.accelerator.process_index, trainer.accelerator.num_processes, first_update=done)
     if stop.signal_name:
         fail(f"Stopped by {stop.signal_name} before training began: nothing to save.")
-    done = counters["global_step"] if counters else 0
     say(f"Training: {total_updates} PPO updates of {args.batch_size} prompts per process on "
         f"{trainer.accelerator.num_processes} x {trainer.accelerator.device}"
-          + (f", resuming after update {done} from {checkpoint}" if checkpoint else ""))
+        + (f", resuming after update {done} from {checkpoint}" if checkpoint else ""))
     train_started = time.time()
     try:
         trainer.train()
