@@ -716,8 +716,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
     marker = os.path.join(directory, "READY")
     if os.path.exists(marker):
         return
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import DistilBertConfig, GPT2Config, PreTrainedTokenizerFast
+    from transformers import DistilBertConfig, GPT2Config
 
     started = time.time()
     rng = random.Random(seed)
@@ -731,14 +730,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
                 handle.write(json.dumps({"text": text, "label": label}) + "\n")
     texts = [text for text, _ in splits["train"]]
 
-    # GPT-2 style: byte-level BPE, EOS appended after training so that id 0 is an ordinary token, no pad token.
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.add_special_tokens(["<|endoftext|>"])
-    eos = "<|endoftext|>"
-    gpt_tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, unk_token=eos)
+    gpt_tokenizer = build_policy_tokenizer(texts)
     gpt = AutoModelForCausalLM.from_config(GPT2Config(
         vocab_size=len(gpt_tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4,
         bos_token_id=gpt_tokenizer.eos_token_id, eos_token_id=gpt_tokenizer.eos_token_id))
@@ -747,20 +739,9 @@ def build_tiny_assets(directory: str, seed: int = 0):
     gpt.save_pretrained(os.path.join(directory, "gpt2"))
     gpt_tokenizer.save_pretrained(os.path.join(directory, "gpt2"))
 
-    # DistilBERT style: lower-cased WordPiece with [CLS] ... [SEP]. POSITIVE is label 0 here, the reverse of
-    # lvwerra/distilbert-imdb, so code that picked the class by position would train towards negative reviews.
-    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.decoder = decoders.WordPiece()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
-    wordpiece.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[(t, wordpiece.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
-    bert_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=wordpiece, model_max_length=128, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"])
+    # DistilBERT style classifier. POSITIVE is label 0 here, the reverse of lvwerra/distilbert-imdb, so code that
+    # picked the class by position would train towards negative reviews.
+    bert_tokenizer = build_classifier_tokenizer(texts)
     bert = AutoModelForSequenceClassification.from_config(DistilBertConfig(
         vocab_size=len(bert_tokenizer), max_position_embeddings=128, dim=64, hidden_dim=128, n_layers=2, n_heads=4,
         pad_token_id=bert_tokenizer.pad_token_id, id2label={0: "POSITIVE", 1: "NEGATIVE"},
@@ -774,6 +755,43 @@ def build_tiny_assets(directory: str, seed: int = 0):
     with open(marker, "w") as handle:
         handle.write(f"built in {time.time() - started:.1f}s\n")
     print(f"Built tiny models and data in {directory} ({time.time() - started:.1f}s)")
+
+
+def build_policy_tokenizer(texts: list[str]):
+    """GPT-2 style: byte-level BPE, EOS added after training so that id 0 is an ordinary token, no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_special_tokens(["<|endoftext|>"])
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, unk_token=eos)
+
+
+def build_classifier_tokenizer(texts: list[str]):
+    """Lower-cased WordPiece with [CLS] ... [SEP], as DistilBERT's. The vocabulary is every word of `texts` plus
+    every character alone and as a "##" continuation, so any word made of known characters (policies invent
+    some) is split into pieces. Built here, not by tokenizers' WordPiece trainer, whose ties break differently in
+    every build (measured: 5 different vocabularies in 5 builds), so the tiny rewards would differ between builds."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({word for text in texts for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))})
+    characters = sorted({character for word in words for character in word})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = dict.fromkeys(specials + words + characters + ["##" + c for c in characters])  # ordered, no repeats
+    wordpiece = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="[UNK]"))
+    wordpiece.normalizer, wordpiece.pre_tokenizer, wordpiece.decoder = normalizer, splitter, decoders.WordPiece()
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, wordpiece.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece, model_max_length=128, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"])
 
 
 def fit(model, examples: list[dict], steps: int, lr: float, batch_size: int = 32, pad_token_id: int = 0):

@@ -59,6 +59,18 @@ def test_missing_text_column_and_empty_dataset_are_explained(ppo_assets, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- models
+def test_tiny_tokenizers_are_the_same_in_every_build(ppo_assets):
+    """The tiny preset is reproducible only if its tokenizers are: tokenizers' WordPiece trainer broke ties
+    differently in each build (5 vocabularies in 5 builds), so the classifier's vocabulary is built by hand."""
+    texts = [json.loads(line)["text"] for line in open(os.path.join(ppo_assets, "reviews", "train.jsonl"))]
+    for build in (ppo.build_policy_tokenizer, ppo.build_classifier_tokenizer):
+        vocabularies = {json.dumps(sorted(build(texts).get_vocab().items())) for _ in range(3)}
+        assert len(vocabularies) == 1, build.__name__
+    classifier = ppo.build_classifier_tokenizer(texts)
+    pieces = classifier.convert_ids_to_tokens(classifier("The film was brilliant, ogue!")["input_ids"])
+    assert pieces == ["[CLS]", "the", "film", "was", "brilliant", ",", "o", "##g", "##u", "##e", "[UNK]", "[SEP]"]
+
+
 def test_pad_token_is_added_and_distinct_from_eos(ppo_assets, tmp_path):
     args = tiny_args(ppo_assets, tmp_path)
     tokenizer = ppo.load_policy_tokenizer(args)
@@ -158,7 +170,7 @@ def test_tiny_run_from_the_command_line_saves_a_loadable_policy_and_eval_json(pp
 
 def test_ppo_learns_to_write_positive_reviews_across_seeds(ppo_assets, tmp_path):
     """Margin: after 40 PPO updates the trained policy's held-out reward mean beats the reference's by more than
-    1.5 logits (measured on 2 CPU cores: seed 0 2.03 -> 4.40, seed 1 0.74 -> 4.52)."""
+    1.5 logits (measured on 2 CPU cores: seed 0 -0.33 -> 2.65, seed 1 -1.08 -> 3.25)."""
     for seed in (0, 1):
         result = ppo.main(["--preset", "tiny", "--tiny_assets_dir", ppo_assets, "--output_dir",
                            str(tmp_path / f"seed{seed}"), "--seed", str(seed), "--total_episodes", "1280"])
