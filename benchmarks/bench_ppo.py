@@ -3,18 +3,26 @@
     python benchmarks/bench_ppo.py                                    # CPU: the tiny preset, end to end
     python benchmarks/bench_ppo.py --arch gpt2 --device cuda          # GPU: GPT-2 124M + DistilBERT 66M shapes
     python benchmarks/bench_ppo.py --arch gpt2 --device cuda --compare_trl_example
+    python benchmarks/bench_ppo.py --arch gpt2 --device cuda -- --tf32 false   # flags after -- go to the script, to both runs
 
-`--compare_trl_example` also measures, in the same invocation, the layout of TRL's own PPO example
-(examples/scripts/ppo: per_device_train_batch_size 1 with gradient_accumulation_steps 64, i.e. 64 prompts per update
-in micro-batches of 1) and records the ratio of samples/s.
+`--compare_trl_example` also measures, in the same invocation, the same trainer on the same task laid out as TRL's
+own PPO example runs it on one GPU (examples/scripts/ppo/ppo.py: per_device_train_batch_size 64,
+gradient_accumulation_steps 1, and PPOConfig's defaults num_mini_batches 1, local_rollout_forward_batch_size 64,
+num_ppo_epochs 4, no TF32, TRL's per-update gc.collect() and CUDA cache emptying), and records the ratio of
+samples/s.
 
 `--arch gpt2` builds the real architectures (the `gpt2` and `distilbert-base-uncased` configs) with random
 weights, since no hub is needed or reachable, saves them to disk and runs the script on them at its default
 batch, prompt and response lengths. Speed does not depend on the weights' values.
+
+Each update is timed in two phases (the script logs them as time/rollout_seconds and time/optimisation_seconds):
+rollout = generation, reward, reference and value passes and advantages; optimisation = the PPO epochs. The
+figures are means over the updates after the first (warm-up).
 """
 import argparse
 import json
 import os
+import sys
 import tempfile
 
 from common import record, run_script
@@ -40,28 +48,38 @@ def build_shape_faithful_models(directory: str):
         os.path.join(directory, "distilbert"))
 
 
-def measure(args, work: str, name: str, batch_size: int, accumulation: int) -> dict:
-    """Run the script once with the given rollout batch and gradient accumulation; record and return the row."""
+# TRL's example on one GPU (examples/scripts/ppo/ppo.py, its first command): 64 prompts per update in one
+# micro-batch; PPOConfig's defaults for the rest (num_mini_batches 1, local_rollout_forward_batch_size 64), no TF32,
+# and TRL's loop as it is, with its gc.collect() and CUDA cache emptying every update.
+TRL_EXAMPLE_BATCH = 64
+TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches", "1", "--tf32", "false",
+                     "--free_memory_each_update", "true"]
+
+
+def measure(args, work: str, name: str, batch_size: int, flags: list[str]) -> dict:
+    """Run the script once with `batch_size` prompts per update and the given flags; record and return the row."""
     output_dir = os.path.join(work, name)
     command = ["ppo_gpt2_imdb.py", "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
-               "--sample_every", "0", "--save_steps", "0", "--batch_size", str(batch_size),
-               "--gradient_accumulation_steps", str(accumulation)]
+               "--sample_every", "0", "--save_steps", "0", "--batch_size", str(batch_size)]
     if args.arch == "tiny":
         command += ["--preset", "tiny", "--tiny_assets_dir", os.path.join(work, "tiny")]
-        if accumulation > 1:
-            command += ["--num_mini_batches", "1"]  # TRL 1.12 cannot combine mini-batches with accumulation
     else:
         command += ["--model_name_or_path", os.path.join(work, "gpt2"),
                     "--reward_model_name_or_path", os.path.join(work, "distilbert"),
                     "--dataset_name", os.path.join(work, "tiny", "reviews"), "--num_eval_prompts", "16"]
     if args.updates or args.arch == "gpt2":
         command += ["--total_episodes", str((args.updates or 5) * batch_size)]
-    measured = run_script(command)
+    measured = run_script(command + flags)  # later flags win
     result = json.load(open(os.path.join(output_dir, "eval.json")))
-    settings = {"arch": args.arch, "device": args.device, "layout": name, "batch_size": batch_size,
-                "micro_batch": batch_size // accumulation, "response_length": result["args"]["response_length"],
-                "updates": result["updates"], "num_ppo_epochs": result["args"]["num_ppo_epochs"]}
+    run_args = result["args"]
+    settings = {"arch": args.arch, "device": args.device, "layout": name, "batch_size": run_args["batch_size"],
+                "micro_batch": run_args["batch_size"] // run_args["gradient_accumulation_steps"],
+                "num_mini_batches": run_args["num_mini_batches"], "num_ppo_epochs": run_args["num_ppo_epochs"],
+                "response_length": run_args["response_length"], "tf32": run_args["tf32"] and args.device == "cuda",
+                "free_memory_each_update": run_args["free_memory_each_update"], "updates": result["updates"]}
     figures = {**measured, "seconds_per_update": result["seconds_per_update"],
+               "rollout_seconds_per_update": result["rollout_seconds_per_update"],
+               "optimisation_seconds_per_update": result["optimisation_seconds_per_update"],
                "samples_per_second": result["samples_per_second"],
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
                "reward_reference": round(result["reference"]["reward_mean"], 3),
@@ -70,21 +88,24 @@ def measure(args, work: str, name: str, batch_size: int, accumulation: int) -> d
 
 
 def main():
+    argv = sys.argv[1:]
+    own, script_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["tiny", "gpt2"], default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--updates", type=int, default=None, help="PPO updates to time (gpt2 default: 5)")
     parser.add_argument("--batch_size", type=int, default=None, help="prompts per update (default: the script's)")
     parser.add_argument("--compare_trl_example", action="store_true",
-                        help="also measure TRL's example layout (64 prompts in micro-batches of 1) and the speed-up")
+                        help="also measure TRL's one-GPU example layout on the same task and record the speed-up")
     parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(own)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_ppo_")
     if args.arch == "gpt2":
         build_shape_faithful_models(work)
-    ours = measure(args, work, "script-defaults", args.batch_size or (32 if args.arch == "tiny" else 128), 1)
+    ours = measure(args, work, "script-defaults", args.batch_size or (32 if args.arch == "tiny" else 128),
+                   script_flags)
     if args.compare_trl_example:
-        theirs = measure(args, work, "trl-example", 64, 64)
+        theirs = measure(args, work, "trl-example", TRL_EXAMPLE_BATCH, TRL_EXAMPLE_FLAGS + script_flags)
         speedup = ours["figures"]["samples_per_second"] / theirs["figures"]["samples_per_second"]
         record("ppo", {"arch": args.arch, "device": args.device, "comparison": "script-defaults vs trl-example"},
                {"samples_per_second_ratio": round(speedup, 2), "target": 1.5, "met": speedup >= 1.5})
