@@ -29,6 +29,7 @@ from datasets import load_dataset
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_torch_tf32_available
 from trl import DPOConfig, DPOTrainer, TrlParser
 
 
@@ -56,6 +57,9 @@ class Args:
     lora_target_modules: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                    "comma-separated modules that get adapters: all of Llama's attention and MLP")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward: far less memory, ~30% slower")
+    upcast_non_quantized: bool = arg(False, "keep a float32 copy of the embeddings, norms and lm_head, as peft's "
+                                     "prepare_model_for_kbit_training does; off: they stay in the compute dtype "
+                                     "(bf16 on a GPU), which moves half the bytes (no effect on a CPU: fp32 there)")
 
     # Data
     dataset_name: str = arg("lvwerra/stack-exchange-paired", "preference dataset: hub id or local directory")
@@ -92,6 +96,10 @@ class Args:
     report_to: str = arg("wandb", "wandb, tensorboard or none")
     run_name: Optional[str] = arg(None, "run name on the tracker; None: generated")
     device: str = arg("auto", "auto (CUDA when present), cuda or cpu")
+    tf32: bool = arg(True, "on an Ampere or newer GPU, run fp32 matmuls on TF32 tensor cores")
+    use_liger_kernel: Optional[bool] = arg(None, "Liger's fused linear DPO loss and Llama kernels (never builds "
+                                           "full-vocabulary logits; H200: 1.25x faster steps, 1.7 GiB less). None: "
+                                           "on where a GPU and liger-kernel are present; needs `pip install liger-kernel`")
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny model and data are built")
 
 
@@ -209,6 +217,14 @@ def validate(args: Args):
         fail(f"--device must be auto, cuda or cpu, got {args.device!r}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device auto or cpu.")
+    if args.use_liger_kernel and not on_gpu(args):
+        fail("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton GPU kernels). Drop it on a CPU.")
+    if args.use_liger_kernel and not liger_installed():
+        fail("--use_liger_kernel needs the liger-kernel package, which is not installed: "
+             "`pip install liger-kernel==0.8.5`, or drop --use_liger_kernel.")
+    if args.use_liger_kernel is None and on_gpu(args) and not liger_installed():
+        print("note: liger-kernel is not installed; with it (`pip install liger-kernel==0.8.5`) DPO steps run "
+                  "about 1.25x faster on this GPU in less memory.")
     if args.optim.startswith("paged_") and not on_gpu(args):
         fail(f"--optim {args.optim} needs a CUDA GPU. On a CPU use --optim adamw_torch.")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
@@ -221,6 +237,17 @@ def validate(args: Args):
         except Exception as err:  # a broken native library raises more than ImportError
             fail(f"--load_in_4bit needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}). "
                  f"Install a bitsandbytes build for this machine, or pass --load_in_4bit false (needs far more memory).")
+
+
+def use_liger(args: Args) -> bool:
+    """--use_liger_kernel as given; unset: on where a GPU and the package are present."""
+    return args.use_liger_kernel if args.use_liger_kernel is not None else on_gpu(args) and liger_installed()
+
+
+def liger_installed() -> bool:
+    from trl.import_utils import is_liger_kernel_available
+
+    return is_liger_kernel_available()
 
 
 def check_writable(directory: str):
@@ -339,10 +366,17 @@ def load_model(args: Args):
     if args.load_in_4bit:
         if device == "cpu":
             guard_cpu_4bit_gradients(model)
-        # Freezes the base, casts norms to fp32 and turns on input gradients for checkpointing.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.upcast_non_quantized:
+            # Freezes the base, casts embeddings, norms and lm_head to fp32, turns on gradient checkpointing.
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            # The same without the fp32 copies: with them the whole residual stream runs in fp32 (the embedding's
+            # output is fp32), twice the bytes through every norm, residual add and LoRA input of every layer.
+            model.requires_grad_(False)
+            if args.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -568,6 +602,8 @@ def build_dpo_config(args: Args) -> DPOConfig:
         dataset_num_proc=args.dataset_num_proc,  # the anchor read an undefined num_proc
         use_cpu=not gpu,
         bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU
+        tf32=args.tf32 if gpu and is_torch_tf32_available() else None,  # asking for TF32 without it raises
+        use_liger_kernel=use_liger(args),
     )
 
 
@@ -753,9 +789,12 @@ def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest)
     save_outputs(trainer, tokenizer, args)  # before evaluation: nothing trained is lost if it fails
 
     trained_result, _ = evaluate(trainer.model, tokenizer, eval_pairs, args, base_logratios)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {"base": base_result, "trained": trained_result, "args": asdict(args),
               "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2), "steps": steps,
-              "seconds_per_step": round(train_seconds / max(steps, 1), 4), "peak_gpu_memory_gib": peak_gib}
+              "seconds_per_step": round(train_seconds / max(steps, 1), 4), "peak_gpu_memory_gib": peak_gib,
+              "first_logged_loss": losses[0] if losses else None,  # ln 2 = 0.6931 when logged at step 1
+              "train_tokens": trainer._total_train_tokens}  # non-pad tokens of chosen and rejected, all processes
     if trainer.accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "eval.json"), "w") as handle:
             json.dump(result, handle, indent=2)

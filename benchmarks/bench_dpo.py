@@ -10,14 +10,16 @@ for a quick check of the path (32 is the real model).
 """
 import argparse
 import json
+import math
 import os
 import random
+import sys
 import tempfile
 
-from common import record, run_script
+from common import mfu, parameter_count, record, run_script
 
 
-def build_shape_faithful_model(directory: str, num_layers: int, device: str, pair_tokens: int):
+def build_shape_faithful_model(directory: str, num_layers: int, device: str, pair_tokens: int, lengths: str):
     """Random Llama-2-7B (vocab 32000, hidden 4096, 32 layers) in bf16, a Llama-style tokenizer, and pairs long
     enough that prompt + answer reach `pair_tokens` tokens."""
     import torch
@@ -37,17 +39,26 @@ def build_shape_faithful_model(directory: str, num_layers: int, device: str, pai
     model.save_pretrained(os.path.join(directory, "llama2-7b"))
     tokenizer.save_pretrained(os.path.join(directory, "llama2-7b"))
     del model
-    # Pairs whose prompt + answer + EOS fill just under `pair_tokens`: every step runs at (about) the full length.
+    # "full": pairs whose prompt + answer + EOS fill just under `pair_tokens`, so every step runs at (about) the
+    # full length. "spread": lengths spread like real Stack Exchange pairs, many short and a tail to the limit
+    # (log-normal, median about a fifth of the limit), where padding is most of a naive batch.
     rng = random.Random(0)
     words = "the list value file string loop function returns each item sorted merged".split()
-    prompt_tokens = min(256, pair_tokens // 4)
-    for data_dir, count in (("data/rl", 64), ("data/evaluation", 8)):
+    text = " ".join(rng.choice(words) for _ in range(4 * pair_tokens))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for data_dir, count in (("data/rl", 128), ("data/evaluation", 8)):
         rows = []
         for _ in range(count):
-            text = " ".join(rng.choice(words) for _ in range(2 * pair_tokens))
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            question = tokenizer.decode(ids[:prompt_tokens])
-            answers = [tokenizer.decode(ids[prompt_tokens : pair_tokens - 16 - shift]) for shift in (0, 8)]
+            if lengths == "full":
+                prompt_tokens, answer_tokens = min(256, pair_tokens // 4), (pair_tokens - 16 - min(256, pair_tokens // 4))
+            else:
+                total = min(pair_tokens - 16, max(24, int(rng.lognormvariate(math.log(pair_tokens / 5), 0.8))))
+                prompt_tokens = max(8, min(total // 3, pair_tokens // 2 - 8))
+                answer_tokens = total - prompt_tokens
+            start = rng.randrange(0, len(ids) - pair_tokens)
+            question = tokenizer.decode(ids[start : start + prompt_tokens])
+            answers = [tokenizer.decode(ids[start + prompt_tokens : start + prompt_tokens + answer_tokens - shift])
+                       for shift in (0, min(8, answer_tokens // 4))]
             rows.append({"question": question, "response_j": answers[0], "response_k": answers[1]})
         path = os.path.join(directory, "pairs", data_dir)
         os.makedirs(path, exist_ok=True)
@@ -55,50 +66,105 @@ def build_shape_faithful_model(directory: str, num_layers: int, device: str, pai
             handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "llama2-7b"], default="tiny")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=None, help="DPO steps to time (llama2-7b default: 5)")
-    parser.add_argument("--batch_size", type=int, default=1, help="llama2-7b: pairs per step (1, or the default 4)")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--max_length", type=int, default=1024)
-    parser.add_argument("--num_layers", type=int, default=32, help="llama2-7b depth (32 is the real model)")
-    parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
-    args = parser.parse_args()
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_dpo_")
-    output_dir = os.path.join(work, "run")
-    command = ["dpo_llama2_stackexchange.py", "--output_dir", output_dir, "--device", args.device,
-               "--report_to", "none", "--eval_steps", "0", "--save_steps", "0"]
+def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_llama2_stackexchange.py") -> dict:
+    """Run `script` once with the given flags; record and return the row."""
+    output_dir = os.path.join(work, name)
+    command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none", "--eval_steps",
+               "0", "--save_steps", "0", "--logging_steps", "1"]
     if args.arch == "tiny":
         command += ["--preset", "tiny", "--tiny_assets_dir", os.path.join(work, "tiny")]
         if args.steps:
             command += ["--max_steps", str(args.steps)]
     else:
-        build_shape_faithful_model(work, args.num_layers, args.device, args.max_length)
         command += ["--model_name_or_path", os.path.join(work, "llama2-7b"), "--dataset_name",
                     os.path.join(work, "pairs"), "--max_steps", str(args.steps or 5), "--max_length",
                     str(args.max_length), "--max_prompt_length", str(min(512, args.max_length // 2)),
                     "--per_device_train_batch_size", str(args.batch_size), "--gradient_accumulation_steps",
-                    str(args.gradient_accumulation_steps), "--max_eval_samples", "4", "--num_eval_generations", "1",
-                    "--max_new_tokens", "8", "--per_device_eval_batch_size", "1", "--warmup_steps", "1"]
+                    str(args.gradient_accumulation_steps), "--max_eval_samples", "2", "--num_eval_generations", "1",
+                    "--max_new_tokens", "4", "--per_device_eval_batch_size", "1", "--warmup_steps", "1"]
         if args.device == "cpu":
             command += ["--optim", "adamw_torch"]
-    measured = run_script(command)
+    measured = run_script(command + flags)  # later flags win
     result = json.load(open(os.path.join(output_dir, "eval.json")))
-    pairs_per_step = result["args"]["per_device_train_batch_size"] * result["args"]["gradient_accumulation_steps"]
-    settings = {"arch": args.arch, "device": args.device, "steps": result["steps"], "pairs_per_step": pairs_per_step,
-                "load_in_4bit": result["args"]["load_in_4bit"],
-                "gradient_checkpointing": result["args"]["gradient_checkpointing"]}
-    figures = {**measured, "seconds_per_step": result["seconds_per_step"],
-               "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
+    run_args = result["args"]
+    pairs_per_step = run_args["per_device_train_batch_size"] * run_args["gradient_accumulation_steps"]
+    settings = {"arch": args.arch, "device": args.device, "layout": name, "lengths": args.lengths,
+                "steps": result["steps"], "pairs_per_step": pairs_per_step,
+                "micro_batch": run_args["per_device_train_batch_size"], "load_in_4bit": run_args["load_in_4bit"],
+                "gradient_checkpointing": run_args["gradient_checkpointing"]}
+    for lever in ("upcast_non_quantized", "use_liger_kernel", "tf32"):  # absent from older copies of the script
+        settings[lever] = run_args.get(lever)
+    steady = measured["steady_seconds_per_step"]
+    figures = {"wall_seconds": measured["wall_seconds"], "peak_rss_gib": measured["peak_rss_gib"],
+               "first_step_seconds": measured["first_step_seconds"], "steady_seconds_per_step": steady,
+               "peak_gpu_memory_gib": result["peak_gpu_memory_gib"], "first_loss": measured["first_loss"],
                "accuracy_base": round(result["base"]["accuracy"], 3),
                "accuracy_trained": round(result["trained"]["accuracy"], 3)}
     if args.arch != "tiny":
         settings.update(num_layers=args.num_layers, max_length=args.max_length)
-        # Each pair is a chosen and a rejected sequence of close to max_length tokens.
-        figures["tokens_per_second"] = round(2 * pairs_per_step * (args.max_length - 16) / result["seconds_per_step"], 1)
-    record("dpo", settings, figures)
+        # Real (non-pad) tokens of chosen and rejected per step, from what the pairs hold.
+        tokens_per_step = pairs_per_step * mean_pair_tokens(os.path.join(work, "llama2-7b"),
+                                                            os.path.join(work, "pairs", "data", "rl", "train.jsonl"))
+        figures["tokens_per_second"] = round(tokens_per_step / steady, 1)
+        # 8N FLOPs per token with gradient checkpointing (reference forward, forward, recomputed forward, backward
+        # to the inputs: the 4-bit base gets no weight gradients), 6N without.
+        flops_per_token = (8 if run_args["gradient_checkpointing"] else 6) * parameter_count(
+            os.path.join(work, "llama2-7b"))
+        figures["mfu"] = mfu(flops_per_token * tokens_per_step / steady)
+    return record("dpo", settings, figures)
+
+
+def mean_pair_tokens(model_dir: str, pairs_file: str) -> float:
+    """Mean tokens of prompt + chosen and prompt + rejected (+ EOS each) over the benchmark's training pairs."""
+    from transformers import AutoTokenizer
+
+    import dpo_llama2_stackexchange as dpo
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    totals = []
+    for line in open(pairs_file):
+        row = json.loads(line)
+        pair = dpo.make_pair(row["question"], row["response_j"], row["response_k"])
+        totals.append(sum(len(tokenizer(pair["prompt"] + pair[key])["input_ids"]) + 1 for key in ("chosen", "rejected")))
+    return sum(totals) / len(totals)
+
+
+def main():
+    argv = sys.argv[1:]
+    own, script_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["tiny", "llama2-7b"], default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="DPO steps to time (llama2-7b default: 5)")
+    parser.add_argument("--batch_size", type=int, default=1, help="llama2-7b: pairs per forward pass")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--lengths", choices=["full", "spread"], default="full",
+                        help="llama2-7b: every pair at the full length, or lengths spread like real pairs")
+    parser.add_argument("--num_layers", type=int, default=32, help="llama2-7b depth (32 is the real model)")
+    parser.add_argument("--baseline", default=None, help="a directory holding an older dpo_llama2_stackexchange.py: "
+                        "measured too, same settings, with a ratio row")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="'NAME: --flag value ...': also measure the script with these flags (a lever's share)")
+    parser.add_argument("--name", default="script-defaults", help="the layout name of the main row")
+    parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
+    args = parser.parse_args(own)
+    work = args.work_dir or tempfile.mkdtemp(prefix="bench_dpo_")
+    if args.arch != "tiny" and not os.path.exists(os.path.join(work, "llama2-7b", "config.json")):
+        build_shape_faithful_model(work, args.num_layers, args.device, args.max_length, args.lengths)
+    if args.baseline:  # first, so that the new script cannot warm anything up for it
+        old = measure(args, work, "baseline", script_flags, os.path.join(args.baseline, "dpo_llama2_stackexchange.py"))
+    ours = measure(args, work, args.name, script_flags)
+    if args.baseline:
+        figures = {"steady_step_speedup": round(old["figures"]["steady_seconds_per_step"]
+                                                / ours["figures"]["steady_seconds_per_step"], 2)}
+        if ours["figures"]["peak_gpu_memory_gib"] and old["figures"]["peak_gpu_memory_gib"]:
+            figures["peak_gpu_memory_ratio"] = round(ours["figures"]["peak_gpu_memory_gib"]
+                                                     / old["figures"]["peak_gpu_memory_gib"], 3)
+        record("dpo", {"arch": args.arch, "device": args.device, "comparison": "script-defaults vs baseline"}, figures)
+    for variant in args.variant:
+        name, _, flags = variant.partition(":")
+        measure(args, work, name.strip(), script_flags + flags.split())
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import os
 import sys
 import tempfile
 
-from common import record, run_script
+from common import mfu, parameter_count, record, run_script
 
 
 def build_shape_faithful_models(directory: str):
@@ -53,13 +53,14 @@ def build_shape_faithful_models(directory: str):
 # and TRL's loop as it is, with its gc.collect() and CUDA cache emptying every update.
 TRL_EXAMPLE_BATCH = 64
 TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches", "1", "--tf32", "false",
+                     "--bf16_autocast", "false", "--static_cache_generation", "false",
                      "--free_memory_each_update", "true"]
 
 
-def measure(args, work: str, name: str, batch_size: int, flags: list[str]) -> dict:
-    """Run the script once with `batch_size` prompts per update and the given flags; record and return the row."""
+def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py") -> dict:
+    """Run `script` once with `batch_size` prompts per update and the given flags; record and return the row."""
     output_dir = os.path.join(work, name)
-    command = ["ppo_gpt2_imdb.py", "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
+    command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
                "--sample_every", "0", "--save_steps", "0", "--batch_size", str(batch_size)]
     if args.arch == "tiny":
         command += ["--preset", "tiny", "--tiny_assets_dir", os.path.join(work, "tiny")]
@@ -77,14 +78,48 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str]) -> di
                 "num_mini_batches": run_args["num_mini_batches"], "num_ppo_epochs": run_args["num_ppo_epochs"],
                 "response_length": run_args["response_length"], "tf32": run_args["tf32"] and args.device == "cuda",
                 "free_memory_each_update": run_args["free_memory_each_update"], "updates": result["updates"]}
-    figures = {**measured, "seconds_per_update": result["seconds_per_update"],
+    for lever in ("bf16_autocast", "static_cache_generation"):  # absent from copies older than these settings
+        settings[lever] = run_args.get(lever, False) and args.device == "cuda"
+    steady = measured["steady_seconds_per_step"]
+    samples = run_args["batch_size"]
+    figures = {"wall_seconds": measured["wall_seconds"], "peak_rss_gib": measured["peak_rss_gib"],
+               "first_update_seconds": measured["first_step_seconds"], "steady_seconds_per_update": steady,
+               "samples_per_second": round(samples / steady, 2),
                "rollout_seconds_per_update": result["rollout_seconds_per_update"],
                "optimisation_seconds_per_update": result["optimisation_seconds_per_update"],
-               "samples_per_second": result["samples_per_second"],
+               # A pass over IMDB's training reviews (about 195 updates of 128), warm-up and compilation included.
+               "full_pass_seconds": round(measured["first_step_seconds"] + (FULL_PASS_PROMPTS / samples - 1) * steady, 1),
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
+               "policy_ratio_error": result.get("policy_ratio_error"),
+               "mfu": mfu(ppo_flops_per_update(work, args.arch, run_args) / steady) if args.arch != "tiny" else None,
                "reward_reference": round(result["reference"]["reward_mean"], 3),
                "reward_trained": round(result["trained"]["reward_mean"], 3)}
     return record("ppo", settings, figures)
+
+
+FULL_PASS_PROMPTS = 195 * 128  # IMDB's 25,000 training reviews less those of 200 characters or fewer
+
+
+def ppo_flops_per_update(work: str, arch: str, run_args: dict) -> float:
+    """Model FLOPs of one update by the usual counts: 2N per token for each forward pass (generation, reference,
+    value and reward in the rollout) and 6N per token for each forward + backward (policy and value, every PPO
+    epoch), over prompt + response tokens (prompts at their longest, as batches pad them)."""
+    policy = parameter_count(os.path.join(work, arch))
+    value = parameter_count(os.path.join(work, arch), classifier=True)
+    reward = parameter_count(os.path.join(work, "distilbert"), classifier=True)
+    tokens = run_args["batch_size"] * (run_args["prompt_max_tokens"] + run_args["response_length"])
+    return tokens * (2 * policy * 2 + 2 * value + 2 * reward + run_args["num_ppo_epochs"] * 6 * (policy + value))
+
+
+def compare(args, name: str, new: dict, old: dict) -> dict:
+    """One row with the ratios of two rows measured in this invocation (new over old)."""
+    new_figures, old_figures = new["figures"], old["figures"]
+    figures = {"samples_per_second_ratio": round(new_figures["samples_per_second"] / old_figures["samples_per_second"], 2),
+               "full_pass_seconds_old": old_figures["full_pass_seconds"],
+               "full_pass_seconds_new": new_figures["full_pass_seconds"]}
+    if new_figures["peak_gpu_memory_gib"] and old_figures["peak_gpu_memory_gib"]:
+        figures["peak_gpu_memory_ratio"] = round(new_figures["peak_gpu_memory_gib"] / old_figures["peak_gpu_memory_gib"], 3)
+    return record("ppo", {"arch": args.arch, "device": args.device, "comparison": name}, figures)
 
 
 def main():
@@ -97,13 +132,25 @@ def main():
     parser.add_argument("--batch_size", type=int, default=None, help="prompts per update (default: the script's)")
     parser.add_argument("--compare_trl_example", action="store_true",
                         help="also measure TRL's one-GPU example layout on the same task and record the speed-up")
+    parser.add_argument("--baseline", default=None,
+                        help="a directory holding an older ppo_gpt2_imdb.py: measured too, same settings, with a ratio row")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="'NAME: --flag value ...': also measure the script with these flags (a lever's share)")
+    parser.add_argument("--name", default="script-defaults", help="the layout name of the main row")
     parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
     args = parser.parse_args(own)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_ppo_")
     if args.arch == "gpt2":
         build_shape_faithful_models(work)
-    ours = measure(args, work, "script-defaults", args.batch_size or (32 if args.arch == "tiny" else 128),
-                   script_flags)
+    batch = args.batch_size or (32 if args.arch == "tiny" else 128)
+    if args.baseline:  # first, so that the new script cannot warm anything up for it
+        old = measure(args, work, "baseline", batch, script_flags, os.path.join(args.baseline, "ppo_gpt2_imdb.py"))
+    ours = measure(args, work, args.name, batch, script_flags)
+    if args.baseline:
+        compare(args, "script-defaults vs baseline", ours, old)
+    for variant in args.variant:
+        name, _, flags = variant.partition(":")
+        measure(args, work, name.strip(), batch, script_flags + flags.split())
     if args.compare_trl_example:
         theirs = measure(args, work, "trl-example", TRL_EXAMPLE_BATCH, TRL_EXAMPLE_FLAGS + script_flags)
         speedup = ours["figures"]["samples_per_second"] / theirs["figures"]["samples_per_second"]

@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def hardware() -> dict:
@@ -31,15 +33,52 @@ def versions() -> dict:
 
 
 def run_script(command: list[str]) -> dict:
-    """Run `python <command>` from the repo root; return wall seconds, the child's peak RSS and its exit code."""
+    """Run `python <command>` from the repo root with every optimizer step timed (step_timer.py); return wall
+    seconds, the child's peak RSS, the first step's seconds (warm-up, compilation), the mean seconds of the steps
+    after it, and the first logged loss."""
+    import tempfile
+
+    from step_timer import steady
+
     started = time.time()
-    child = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    times = os.path.join(tempfile.mkdtemp(prefix="step_times_"), "steps.json")
+    timer = os.path.join(REPO, "benchmarks", "step_timer.py")
+    child = subprocess.Popen([sys.executable, timer, times, *command], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)  # resource usage of this child alone
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"benchmark run failed: python {' '.join(command)}\n{output[-4000:]}")
-    return {"wall_seconds": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+    steps = {"step_seconds": [], "first_loss": None}  # a script that trains nothing records no step
+    if os.path.exists(times):
+        with open(times) as handle:
+            steps = json.load(handle)
+    return {"wall_seconds": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+            **steady(steps["step_seconds"]), "first_loss": steps["first_loss"]}
+
+
+# Dense bf16 tensor-core peak by the vendors' datasheets (SXM parts), for model FLOPs utilisation. Measured here
+# on an H200 (see ../shared/stack-notes.md): about 790 TFLOP/s on an 8192^3 product, so 80% is the practical ceiling.
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+def mfu(flops_per_second: float) -> Optional[float]:
+    """Model FLOPs utilisation on this machine's GPU, or None where its peak is not in the table (or no GPU)."""
+    gpu = hardware()["gpu"] or ""
+    peak = next((value for name, value in BF16_PEAK_FLOPS.items() if name in gpu), None)
+    return round(flops_per_second / peak, 4) if peak else None
+
+
+def parameter_count(model_dir: str, classifier: bool = False) -> int:
+    """Parameters of a saved model, counted from its config on the meta device (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def record(benchmark: str, settings: dict, figures: dict) -> dict:

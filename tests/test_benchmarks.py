@@ -21,9 +21,12 @@ def test_record_prints_one_json_line_and_appends_a_row(tmp_path, monkeypatch, ca
     assert len(rows) == 2 and "seconds_per_update=0.66" in rows[0] and "| dpo |" in rows[1]
 
 
-def test_run_script_measures_wall_time_and_peak_memory_of_the_child():
-    measured = common.run_script(["-c", "x = bytearray(300 * 2**20); import time; time.sleep(0.2)"])
+def test_run_script_measures_wall_time_and_peak_memory_of_the_child(tmp_path):
+    script = tmp_path / "allocate.py"
+    script.write_text("x = bytearray(300 * 2**20); import time; time.sleep(0.2)\n")
+    measured = common.run_script([str(script)])
     assert measured["wall_seconds"] >= 0.2 and 0.29 <= measured["peak_rss_gib"] < 2
+    assert measured["first_step_seconds"] is None  # it trains nothing
 
 
 def run_benchmark(module_name: str, argv: list, tmp_path, monkeypatch, capsys) -> list:
@@ -36,27 +39,57 @@ def run_benchmark(module_name: str, argv: list, tmp_path, monkeypatch, capsys) -
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
-def test_ppo_benchmark_times_both_phases_and_compares_with_trl_example_layout(ppo_assets, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_example_layout(
+        ppo_assets, tmp_path, monkeypatch, capsys):
+    """The baseline here is the script itself (copied): the point is the bookkeeping, not a speed-up."""
+    import shutil
+
     os.symlink(ppo_assets, tmp_path / "tiny")  # the tiny models, already built
-    ours, theirs, comparison = run_benchmark(
-        "bench_ppo", ["--updates", "3", "--compare_trl_example", "--work_dir", str(tmp_path), "--",
-                      "--num_eval_prompts", "8"], tmp_path, monkeypatch, capsys)
+    shutil.copy(os.path.join(REPO, "ppo_gpt2_imdb.py"), tmp_path / "ppo_gpt2_imdb.py")
+    old, ours, versus, theirs, comparison = run_benchmark(
+        "bench_ppo", ["--updates", "3", "--compare_trl_example", "--baseline", str(tmp_path), "--work_dir",
+                      str(tmp_path), "--", "--num_eval_prompts", "8"], tmp_path, monkeypatch, capsys)
+    assert old["settings"]["layout"] == "baseline" and ours["settings"]["layout"] == "script-defaults"
     assert ours["settings"]["batch_size"] == 32 and ours["settings"]["num_mini_batches"] == 2
     assert theirs["settings"]["batch_size"] == 64 and theirs["settings"]["micro_batch"] == 64
     assert theirs["settings"]["num_mini_batches"] == 1 and theirs["settings"]["updates"] == 3
-    for row in (ours, theirs):
+    for row in (old, ours, theirs):
         figures = row["figures"]
-        assert 0 < figures["rollout_seconds_per_update"] + figures["optimisation_seconds_per_update"]
-        assert figures["samples_per_second"] > 0 and figures["peak_rss_gib"] > 0.1
+        steady = figures["steady_seconds_per_update"]
+        # The phases are parts of an update: together they cannot take longer than the update measured around them.
+        assert 0 < figures["rollout_seconds_per_update"] + figures["optimisation_seconds_per_update"] <= steady * 1.05
+        assert figures["samples_per_second"] == round(row["settings"]["batch_size"] / steady, 2)
+        passes = 195 * 128 / row["settings"]["batch_size"] - 1
+        assert figures["full_pass_seconds"] == round(figures["first_update_seconds"] + passes * steady, 1)
     ratio = ours["figures"]["samples_per_second"] / theirs["figures"]["samples_per_second"]
     assert comparison["figures"]["samples_per_second_ratio"] == round(ratio, 2)
-    assert (tmp_path / "RESULTS.md").read_text().count("| ppo |") == 3
+    ratio = ours["figures"]["samples_per_second"] / old["figures"]["samples_per_second"]
+    assert versus["figures"]["samples_per_second_ratio"] == round(ratio, 2)
+    assert (tmp_path / "RESULTS.md").read_text().count("| ppo |") == 5
 
 
-def test_dpo_benchmark_records_seconds_per_step(dpo_assets, tmp_path, monkeypatch, capsys):
+def test_dpo_benchmark_times_steps_after_the_first_and_reads_the_first_loss(dpo_assets, tmp_path, monkeypatch,
+                                                                            capsys):
+    """The step timer sees every DPO step and the first logged loss, which is ln 2 at step 1 (policy = reference)."""
+    import math
+
     os.symlink(dpo_assets, tmp_path / "tiny")
     (row,) = run_benchmark("bench_dpo", ["--steps", "3", "--work_dir", str(tmp_path)], tmp_path, monkeypatch, capsys)
     assert row["settings"]["steps"] == 3 and row["settings"]["load_in_4bit"] is True
-    assert row["figures"]["seconds_per_step"] > 0 and row["figures"]["wall_seconds"] > 0
+    assert abs(row["figures"]["first_loss"] - math.log(2)) < 1e-4
+    assert 0 < row["figures"]["steady_seconds_per_step"] < row["figures"]["wall_seconds"]
     assert "| dpo |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_step_timer_records_one_interval_per_optimizer_step(dpo_assets, tmp_path):
+    import subprocess
+
+    out = tmp_path / "steps.json"
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "step_timer.py"), str(out), "dpo_llama2_stackexchange.py",
+         "--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir", str(tmp_path / "run"), "--max_steps",
+         "4", "--eval_steps", "0", "--report_to", "none", "--num_eval_generations", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    steps = json.loads(out.read_text())["step_seconds"]
+    assert len(steps) == 4 and all(seconds > 0 for seconds in steps)

@@ -119,6 +119,39 @@ def test_base_is_loaded_in_4bit_nf4_with_double_quantisation(dpo_assets, tmp_pat
     assert gpu_config.bnb_4bit_compute_dtype == torch.bfloat16
 
 
+def test_non_quantized_weights_stay_in_the_compute_dtype_unless_upcast_is_asked_for(dpo_assets, tmp_path,
+                                                                                      monkeypatch):
+    """peft's prepare_model_for_kbit_training keeps fp32 copies of embeddings, norms and lm_head, which makes the
+    whole residual stream fp32 on a GPU (H200, 16 pairs per step: 6.29 -> 4.90 s per step and 11.7 -> 9.0 GiB
+    without them). bf16 is the GPU's compute dtype; forced here so that the difference shows on a CPU."""
+    monkeypatch.setattr(dpo, "compute_dtype", lambda args: torch.bfloat16)
+    kept = dpo.load_model(tiny_args(dpo_assets, tmp_path))
+    upcast = dpo.load_model(tiny_args(dpo_assets, tmp_path, "--upcast_non_quantized", "true"))
+    for model, dtype in ((kept, torch.bfloat16), (upcast, torch.float32)):
+        assert model.get_input_embeddings().weight.dtype == dtype
+        assert model.get_output_embeddings().weight.dtype == dtype
+        assert {m.weight.dtype for n, m in model.named_modules() if n.endswith("norm")} == {dtype}
+        assert not any(p.requires_grad for p in model.parameters())
+        assert model.is_gradient_checkpointing
+
+
+def test_liger_kernel_is_on_only_where_a_gpu_and_the_package_are(tmp_path, monkeypatch, capsys):
+    cpu = dpo.parse_args(["--output_dir", str(tmp_path), "--device", "cpu", "--optim", "adamw_torch"])
+    assert dpo.build_dpo_config(cpu).use_liger_kernel is False
+    stops_with(r"--use_liger_kernel needs a CUDA GPU", dpo.validate,
+               dpo.parse_args(["--output_dir", str(tmp_path), "--device", "cpu", "--optim", "adamw_torch",
+                               "--use_liger_kernel", "true"]))
+    monkeypatch.setattr(dpo, "on_gpu", lambda args: True)  # a GPU machine, as far as these settings go
+    for installed in (True, False):
+        monkeypatch.setattr(dpo, "liger_installed", lambda: installed)
+        gpu = dpo.parse_args(["--output_dir", str(tmp_path)])
+        assert dpo.use_liger(gpu) is installed
+        dpo.validate(gpu)
+        assert ("pip install liger-kernel" in capsys.readouterr().out) is not installed  # one line when missing
+    stops_with(r"needs the liger-kernel package.*pip install liger-kernel", dpo.validate,
+               dpo.parse_args(["--output_dir", str(tmp_path), "--use_liger_kernel", "true"]))
+
+
 def test_lora_covers_every_attention_and_mlp_projection(dpo_assets, tmp_path):
     args = tiny_args(dpo_assets, tmp_path)
     model = dpo.load_model(args)
