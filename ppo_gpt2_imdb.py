@@ -9,37 +9,39 @@ copy of the starting policy.
     python ppo_gpt2_imdb.py                                           # the real run (GPU, hub access)
     python ppo_gpt2_imdb.py --learning_rate 1e-5 --config my.yaml     # any constant below, from CLI or YAML
 
-Every constant lives in `Args` below; a preset only changes defaults, and explicit flags always win.
+The constants in `Args` are the interface: edit them, or override any with `--name value` or a YAML file. A preset
+changes only defaults and prints what it changed. The file is also a notebook (`# %%` cells, percent format): open
+it in VS Code, PyCharm or Jupyter (`jupytext --to notebook ppo_gpt2_imdb.py`); "Run all" trains with the constants
+as edited here. Read down to the first appendix for the whole recipe; the appendices are machinery.
 """
 
-import argparse
+# %% Imports (each appendix imports what only it needs)
 import copy
-import json
-import math
+import logging
 import os
-import random
-import signal
 import statistics
-import sys
-import textwrap
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 from typing import Optional
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental prints a warning on import
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # a CPU kernels notice; no 4-bit here
+warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|generation_config).*", category=FutureWarning)
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from datasets import load_dataset
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          DataCollatorWithPadding, GenerationConfig, TrainerCallback)
-from transformers.utils import is_torch_tf32_available
-from trl import TrlParser
-from trl.experimental.ppo import PPOConfig, PPOTrainer
-from trl.experimental.ppo import ppo_trainer as trl_ppo_module
-from trl.trainer.utils import selective_log_softmax
+from datasets.utils.logging import disable_progress_bar
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.utils import logging as transformers_logging
+from trl.experimental.ppo import PPOConfig
+
+disable_progress_bar()  # datasets' per-map bars; the script says in one line what each step kept
+transformers_logging.set_verbosity_error()  # load reports and deprecation notices; errors still show
+transformers_logging.disable_progress_bar()  # weight-loading bars (training keeps its own progress bar)
+SCRIPT = "ppo_gpt2_imdb.py"
 
 
 def arg(default, help):
@@ -47,10 +49,7 @@ def arg(default, help):
     return field(default=default, metadata={"help": help})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Constants: edit these, or override any of them with `--name value` or a YAML file passed as `--config file.yaml`.
-# Defaults follow TRL's gpt2-sentiment example.
-# ----------------------------------------------------------------------------------------------------------------
+# %% Settings: the constants of a run. Defaults follow TRL's gpt2-sentiment example.
 @dataclass
 class Args:
     preset: Optional[str] = arg(None, "'tiny': build tiny local models and data and run offline on a CPU")
@@ -62,7 +61,7 @@ class Args:
     value_model_name_or_path: Optional[str] = arg(None, "value model backbone (scalar head added); None: the policy")
     reward_model_name_or_path: str = arg("lvwerra/distilbert-imdb", "sentiment classifier giving the reward")
     positive_label: str = arg("POSITIVE", "label name (in the classifier's config.label2id) whose logit is the reward")
-    reward_batch_size: int = arg(128, "texts per classifier forward pass (one rollout batch in one pass on a GPU)")
+    reward_batch_size: int = arg(128, "texts per classifier forward pass")
 
     # Data
     dataset_name: str = arg("stanfordnlp/imdb", "review dataset: hub id or local directory")
@@ -80,7 +79,7 @@ class Args:
     response_length: int = arg(16, "new tokens per response")
     temperature: float = arg(1.0, "sampling temperature for rollouts and evaluation")
 
-    # PPO
+    # Algorithm: PPO
     learning_rate: float = arg(1.41e-5, "Adam learning rate for the policy and value model")
     total_episodes: Optional[int] = arg(None, "prompts to train on in total; None: one pass over the training set")
     batch_size: int = arg(128, "prompts per PPO update (rollout batch), per process")
@@ -95,173 +94,57 @@ class Args:
     lam: float = arg(0.95, "GAE lambda")
 
     # Tracking and saving
-    report_to: str = arg("wandb", "wandb, tensorboard or none")
+    report_to: str = arg("wandb", "wandb, tensorboard or none (wandb without credentials logs offline to ./wandb)")
+    wandb_project: str = arg("ppo_gpt2_imdb", "wandb project the run is logged to")
+    wandb_entity: Optional[str] = arg(None, "wandb team or user; None: your default entity")
     run_name: Optional[str] = arg(None, "run name on the tracker; None: generated")
     logging_steps: int = arg(1, "log metrics every N PPO updates")
     sample_every: int = arg(10, "log a table of (prompt, response, reward) samples every N PPO updates; 0: never")
     save_steps: int = arg(50, "save a resumable checkpoint every N PPO updates; 0: none (Ctrl-C still saves one)")
     resume: Optional[str] = arg(None, "continue from a checkpoint: 'latest' (bare --resume) or a checkpoint dir")
+    overwrite_output_dir: bool = arg(False, "start over in an output dir that holds a finished or unfinished run "
+                                     "(its eval.json and checkpoints are deleted)")
     save_value_model: bool = arg(True, "also save the value model (to OUTPUT_DIR/value_model)")
     push_to_hub: bool = arg(False, "push the trained policy and tokenizer to the hub")
     hub_model_id: Optional[str] = arg(None, "hub repo for push_to_hub; None: the output dir's name")
+
+    # System and speed
     device: str = arg("auto", "auto (CUDA when present), cuda or cpu")
     tf32: bool = arg(True, "on an Ampere or newer GPU, run fp32 matmuls on TF32 tensor cores (TRL's PPO ignores bf16)")
     free_memory_each_update: bool = arg(False, "let TRL run gc.collect() and empty the CUDA cache several times "
                                         "per update: lower peak memory for big models, slow for GPT-2")
-    bf16_autocast: bool = arg(False, "on a GPU with bf16: the PPO epochs' policy and value passes under bf16 "
-                              "autocast (weights, optimizer, rollout stay fp32). Off: slower at GPT-2 size (H200: "
-                              "0.28 -> 0.32 s per update's epochs); no effect on a CPU")
-    static_cache_generation: bool = arg(False, "rollouts decode with a static KV cache, which transformers compiles "
-                                        "on a GPU. Off: 0.04 s faster per update on an H200 but 10-14 s to compile, "
-                                        "more than it saves in one pass over IMDB (on a CPU: not compiled, no faster)")
+    bf16_autocast: bool = arg(False, "GPU: the PPO epochs' forward passes under bf16 autocast. Off: slower at "
+                              "GPT-2 size (H200: 0.28 -> 0.32 s per update); no effect on a CPU")
+    static_cache_generation: bool = arg(False, "rollouts decode with a static KV cache (compiled on a GPU). Off: "
+                                        "H200 saves 0.04 s per update but compiles 10-14 s, more than one IMDB pass saves")
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny models and data are built")
 
 
-# A preset changes only defaults. "{tiny}" stands for the directory the tiny assets are built in.
+# A preset changes only defaults (explicit flags and YAML win) and prints what it changed. "{tiny}" stands for the
+# directory the tiny assets are built in.
 PRESETS = {
-    "tiny": dict(
-        model_name_or_path="{tiny}/gpt2",
-        reward_model_name_or_path="{tiny}/distilbert",
-        dataset_name="{tiny}/reviews",
-        num_eval_prompts=64,
-        learning_rate=1e-3,
-        total_episodes=3072,
-        batch_size=32,
-        num_mini_batches=2,
-        kl_coef=0.05,
-        reward_batch_size=64,
-        logging_steps=10,
-        report_to="none",
-        sample_every=0,
-    )
+    "tiny": dict(model_name_or_path="{tiny}/gpt2", reward_model_name_or_path="{tiny}/distilbert",
+                 dataset_name="{tiny}/reviews", num_eval_prompts=64, learning_rate=5e-4, total_episodes=3072,
+                 batch_size=32, num_mini_batches=2, kl_coef=0.1, reward_batch_size=64, logging_steps=10,
+                 sample_every=0),
 }
 
 
-def parse_args(argv=None) -> Args:
-    """Parse CLI and YAML into `Args`; a preset's values become defaults so explicit flags still win."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
-        if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            argv.insert(i + 1, "latest")
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--preset", default=None, choices=[None, *PRESETS])
-    preset = peek.parse_known_args(argv)[0].preset
-    parser = TrlParser(Args)
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    (args,) = parser.parse_args_and_config(args=argv)
-    if args.preset == "tiny":
-        args.tiny_assets_dir = args.tiny_assets_dir or os.path.join(args.output_dir, "tiny_assets")
-        for name, value in vars(args).items():
-            if isinstance(value, str) and "{tiny}" in value:
-                setattr(args, name, value.replace("{tiny}", args.tiny_assets_dir))
-    return args
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Clear errors: one paragraph that names the setting to change, instead of a traceback from deep in a library.
-# ----------------------------------------------------------------------------------------------------------------
-def fail(message: str):
-    """Stop before (or without losing) any training, with one readable paragraph."""
-    raise SystemExit("\nerror: " + textwrap.fill(" ".join(message.split()), width=110) + "\n")
-
-
-OFFLINE_HINT = "`python ppo_gpt2_imdb.py --preset tiny` runs the whole pipeline offline on tiny local models."
-
-
-def looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
-
-
-def explain_load_error(err: Exception, name: str, setting: str) -> str:
-    text = f"{type(err).__name__}: {err}"
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "gated" in text.lower() or "401" in text or "403" in text:
-        return (
-            f"'{name}' (--{setting}) is a gated repository and this machine has no access: accept its terms on "
-            f"its hub page, then `huggingface-cli login` or set HF_TOKEN, or point --{setting} at a model you can "
-            f"read. {OFFLINE_HINT}"
-        )
-    offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
-    if any(marker in text.lower() for marker in offline_markers):
-        return (
-            f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
-            f"local cache. Connect to the internet, or download it elsewhere and set --{setting} to its local "
-            f"directory. {OFFLINE_HINT}"
-        )
-    return (
-        f"Could not load '{name}' (--{setting}): {first_line} Check the name or path in --{setting}. {OFFLINE_HINT}"
-    )
-
-
-def load_or_explain(load, name: str, setting: str):
-    """Run `load(name)` and turn missing paths, gated repos and hub outages into one clear paragraph."""
-    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
-        fail(f"--{setting}={name!r} looks like a local path, but nothing exists there. {OFFLINE_HINT}")
-    try:
-        return load(os.path.expanduser(name) if looks_local(name) else name)
-    except (OSError, ValueError) as err:  # hub, cache and file errors are OSError subclasses in HF libraries
-        fail(explain_load_error(err, name, setting))
-
-
-def validate(args: Args):
-    """Catch settings that cannot work before anything is loaded."""
-    positive = dict(
-        response_length=args.response_length, prompt_min_tokens=args.prompt_min_tokens, batch_size=args.batch_size,
-        num_ppo_epochs=args.num_ppo_epochs, num_eval_prompts=args.num_eval_prompts, learning_rate=args.learning_rate,
-        num_mini_batches=args.num_mini_batches, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        reward_batch_size=args.reward_batch_size, temperature=args.temperature, eval_batch_size=args.eval_batch_size,
-        total_episodes=1 if args.total_episodes is None else args.total_episodes,
-    )
-    for name, value in positive.items():
-        if not value > 0:
-            fail(f"--{name} must be positive, got {value}.")
-    if args.prompt_max_tokens < args.prompt_min_tokens:
-        fail(f"--prompt_max_tokens ({args.prompt_max_tokens}) is below --prompt_min_tokens ({args.prompt_min_tokens}).")
-    if args.batch_size % args.gradient_accumulation_steps:
-        fail(f"--batch_size ({args.batch_size}) must be a multiple of --gradient_accumulation_steps "
-             f"({args.gradient_accumulation_steps}).")
-    if args.batch_size % args.num_mini_batches:
-        fail(f"--batch_size ({args.batch_size}) must be a multiple of --num_mini_batches ({args.num_mini_batches}).")
-    if args.num_mini_batches > 1 and args.gradient_accumulation_steps > 1:
-        # TRL 1.12 steps the optimizer every `gradient_accumulation_steps` micro-batches counted across the whole
-        # rollout batch, so with both > 1 it accumulates over several mini-batches: fewer, larger steps than asked.
-        fail("--num_mini_batches and --gradient_accumulation_steps cannot both be above 1 with TRL 1.12's PPO "
-             "trainer (it would accumulate gradients across mini-batches). Set one of them to 1.")
-    if args.report_to not in ("wandb", "tensorboard", "none"):
-        fail(f"--report_to must be wandb, tensorboard or none, got {args.report_to!r}.")
-    if args.device not in ("auto", "cuda", "cpu"):
-        fail(f"--device must be auto, cuda or cpu, got {args.device!r}.")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device auto or cpu.")
-    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
-        fail(f"--resume {args.resume!r} is not a directory. Use --resume alone for the latest checkpoint in "
-             f"--output_dir, or give a checkpoint-N directory.")
-    check_writable(args.output_dir)
-
-
-def check_writable(directory: str):
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write_test_{os.getpid()}")  # one per process: no race
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        fail(f"--output_dir {directory!r} is not writable ({err.strerror}). Choose a directory you can write to.")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: IMDB reviews -> prompts of 2-8 policy tokens. Held-out prompts come from the eval split.
-# ----------------------------------------------------------------------------------------------------------------
-def load_reviews(args: Args, split: str):
-    """Load one split, rename the text column to `review` and keep reviews longer than `min_review_chars`."""
-    dataset = load_or_explain(lambda name: load_dataset(name, split=split), args.dataset_name, "dataset_name")
+# %% 1. Data: IMDB reviews -> prompts of 2-8 policy tokens. Held-out prompts come from the eval split.
+def load_reviews(args: Args, split: str, setting: str):
+    """One split with its text column renamed `review`, keeping reviews longer than `min_review_chars`."""
+    dataset = load_or_explain(lambda name: load_dataset(name, split=split), args.dataset_name, "dataset_name",
+                              related=setting)
     if args.text_column not in dataset.column_names:
         fail(f"The '{split}' split of '{args.dataset_name}' has no '{args.text_column}' column (it has: "
              f"{', '.join(dataset.column_names)}). Set --text_column to the column holding the review text.")
+    read = len(dataset)
     dataset = dataset.rename_column(args.text_column, "review")
+    dataset = dataset.filter(lambda review: isinstance(review, str) and review.strip() != "", input_columns="review")
+    no_text = read - len(dataset)
     dataset = dataset.filter(lambda review: len(review) > args.min_review_chars, input_columns="review")
+    PartialState().print(f"{split}: kept {len(dataset)} of {read} reviews; dropped {no_text} with no text and "
+                         f"{read - no_text - len(dataset)} of --min_review_chars {args.min_review_chars} or fewer")
     if len(dataset) == 0:
         fail(f"No review in the '{split}' split of '{args.dataset_name}' is longer than --min_review_chars "
              f"({args.min_review_chars}). Lower --min_review_chars or use another dataset.")
@@ -283,8 +166,8 @@ def make_prompts(dataset, tokenizer, args: Args, seed: int):
 
 def load_prompts(args: Args, tokenizer):
     """Training prompts from the train split; a fixed held-out set from the eval split, minus any review in train."""
-    train_reviews = load_reviews(args, args.dataset_train_split)
-    eval_reviews = load_reviews(args, args.dataset_eval_split)
+    train_reviews = load_reviews(args, args.dataset_train_split, "dataset_train_split")
+    eval_reviews = load_reviews(args, args.dataset_eval_split, "dataset_eval_split")
     seen = set(train_reviews["review"])
     eval_reviews = eval_reviews.filter(lambda review: review not in seen, input_columns="review")
     eval_reviews = eval_reviews.shuffle(seed=args.seed).select(range(min(args.num_eval_prompts, len(eval_reviews))))
@@ -296,12 +179,10 @@ def load_prompts(args: Args, tokenizer):
     return train_prompts, eval_prompts
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------
+# %% 2. Models and reward: policy, frozen reference copy, GPT-2 value model, and the classifier's POSITIVE logit.
 def load_policy_tokenizer(args: Args):
-    tokenizer = load_or_explain(AutoTokenizer.from_pretrained, args.model_name_or_path, "model_name_or_path")
-    tokenizer.padding_side = "left"  # generation continues from the right edge of each prompt
+    # Left padding: generation continues from the right edge of each prompt. Given at load time, it is saved too.
+    tokenizer = load_checked_tokenizer(args.model_name_or_path, "model_name_or_path", padding_side="left")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # With pad = eos the trainer treats a generated EOS as padding: it is masked out and never learned.
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
@@ -312,9 +193,8 @@ def load_policy_models(args: Args, tokenizer):
     """Policy, a frozen reference copy of it, and a GPT-2 value model (same backbone + scalar head)."""
     policy = load_or_explain(AutoModelForCausalLM.from_pretrained, args.model_name_or_path, "model_name_or_path")
     value_name = args.value_model_name_or_path or args.model_name_or_path
-    value_model = load_or_explain(
-        lambda name: AutoModelForSequenceClassification.from_pretrained(name, num_labels=1),
-        value_name, "value_model_name_or_path")
+    value_model = load_or_explain(lambda name: AutoModelForSequenceClassification.from_pretrained(name, num_labels=1),
+                                  value_name, "value_model_name_or_path")
     for model in (policy, value_model):
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))  # room for the added [PAD]
@@ -329,16 +209,223 @@ def load_policy_models(args: Args, tokenizer):
     return policy, ref_policy, value_model
 
 
+def load_reward_model(args: Args, policy_tokenizer) -> "SentimentReward":
+    """The classifier's logit for `positive_label` on prompt + response, behind TRL's reward-model interface."""
+    name = args.reward_model_name_or_path
+    config = load_or_explain(AutoConfig.from_pretrained, name, "reward_model_name_or_path")
+    kinds = config.architectures or []
+    if not any(kind.endswith("ForSequenceClassification") for kind in kinds):
+        fail(f"The reward model '{name}' (--reward_model_name_or_path) is a {', '.join(kinds) or config.model_type}, "
+             f"not a sequence classifier: the reward is a sentiment classifier's logit. Set "
+             f"--reward_model_name_or_path to a classifier such as lvwerra/distilbert-imdb.")
+    classifier = load_or_explain(AutoModelForSequenceClassification.from_pretrained, name, "reward_model_name_or_path")
+    label2id = classifier.config.label2id or {}
+    # By name, never by position: sorted pipeline outputs once made the anchor notebook read the wrong class.
+    if args.positive_label not in label2id:
+        fail(f"The classifier '{name}' has no label '{args.positive_label}' (its labels: {sorted(label2id)}). "
+             f"Set --positive_label to the label whose logit should be the reward.")
+    classifier_tokenizer = load_checked_tokenizer(name, "reward_model_name_or_path")
+    return SentimentReward(DecodeAndClassify(
+        classifier, classifier_tokenizer, policy_tokenizer, label2id[args.positive_label], args.reward_batch_size))
+
+
+# %% 3. Trainer: TRL's PPO configuration from the constants above.
+def build_ppo_config(args: Args, eval_size: int) -> PPOConfig:
+    gpu = on_gpu(args)
+    return PPOConfig(
+        output_dir=args.output_dir, seed=args.seed, learning_rate=args.learning_rate,
+        total_episodes=args.total_episodes,
+        num_train_epochs=1,  # used only when total_episodes is None: one pass over the prompts
+        per_device_train_batch_size=args.batch_size // args.gradient_accumulation_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, num_mini_batches=args.num_mini_batches,
+        num_ppo_epochs=args.num_ppo_epochs, kl_coef=args.kl_coef, cliprange=args.cliprange,
+        cliprange_value=args.cliprange_value, vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam,
+        response_length=args.response_length, temperature=args.temperature, stop_token="eos",
+        local_rollout_forward_batch_size=args.batch_size,  # the whole rollout batch in one generation batch
+        per_device_eval_batch_size=min(16, eval_size),
+        num_sample_generations=1 if args.sample_every > 0 else 0,  # > 0 turns the sample tables on
+        report_to=args.report_to, run_name=args.run_name, logging_steps=args.logging_steps, save_strategy="no",
+        dataset_num_proc=args.dataset_num_proc, use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU; TRL's PPO ignores it
+        tf32=tf32_setting(args),
+    )
+
+
+# %% 4. Train: the recipe in order. main() runs every stage; 5 and 6 are the functions below it.
+def main(args: Args) -> dict:
+    """Train and evaluate as `args` says; returns what eval.json holds."""
+    started = time.time()
+    # 0. Before anything is loaded: refuse settings that cannot work, protect finished runs, seed, pick the tracker.
+    validate(args)
+    PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU where no GPU is used
+    check_hub_reachable(args, ["model_name_or_path", "value_model_name_or_path", "reward_model_name_or_path",
+                               "dataset_name"])
+    if args.preset == "tiny":
+        with PartialState().main_process_first():  # with several processes, one builds and the others reuse
+            build_tiny_assets(args.tiny_assets_dir, seed=0)
+    checkpoint = prepare_output_dir(args, checkpoint_marker="counters.json")
+    set_seed(args.seed)
+    prepare_tracking(args)
+    say = PartialState().print  # progress lines from the main process only
+    with StopRequest() as stop:  # Ctrl-C or SIGTERM: see Appendix C
+        # 1. Data
+        tokenizer = load_policy_tokenizer(args)
+        with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
+            train_prompts, eval_prompts = load_prompts(args, tokenizer)
+        say(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held-out prompts")
+
+        # 2. Models and reward
+        policy, ref_policy, value_model = load_policy_models(args, tokenizer)
+        reward = load_reward_model(args, tokenizer)
+
+        # 3. Trainer, set up for resume, interrupts and sample tables in its constructor (Appendix A)
+        if bf16_autocast(args):
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # read by the Accelerator that TRL's trainer builds
+        trainer = SentimentPPOTrainer(
+            args=build_ppo_config(args, eval_size=len(eval_prompts)), processing_class=tokenizer, model=policy,
+            ref_model=ref_policy, reward_model=reward, value_model=value_model,
+            train_dataset=train_prompts.select_columns(["input_ids"]),
+            eval_dataset=eval_prompts.select_columns(["input_ids"]), settings=args, checkpoint=checkpoint, stop=stop)
+
+        # 4. Train, then save the trained policy at once: nothing trained is lost if anything later fails
+        say(f"Training: {trainer.total_updates} PPO updates of {args.batch_size} prompts per process on "
+            f"{trainer.accelerator.num_processes} x {trainer.accelerator.device}"
+            + (f", resuming after update {trainer.updates_done} from {checkpoint}" if checkpoint else ""))
+        stop.enter("training")
+        train_started = time.time()
+        try:
+            trainer.train()
+        except Stopped as stopped:
+            stop.exit_after_checkpoint(f"after update {trainer.state.global_step} of {trainer.total_updates}",
+                                       str(stopped))
+        train_seconds = time.time() - train_started
+        stop.enter("saving")
+        save_outputs(trainer, tokenizer, args)
+        stop.enter("evaluation")
+
+        # 5. Evaluate the reference and the trained policy on the same held-out prompts, with the same seed
+        say(f"Evaluating the reference and the trained policy on {len(eval_prompts)} held-out prompts ...")
+        trained_policy = trainer.accelerator.unwrap_model(trainer.model).policy
+        reference_result = evaluate(ref_policy, ref_policy, reward, tokenizer, eval_prompts, args)
+        trained_result = evaluate(trained_policy, ref_policy, reward, tokenizer, eval_prompts, args)
+
+        # 6. Report: eval.json, the table, the tracker's summary
+        updates_run = trainer.total_updates - trainer.updates_done
+        result = {"reference": reference_result, "trained": trained_result, "args": asdict(args),
+                  "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
+                  "updates": trainer.total_updates, "updates_this_run": updates_run,
+                  "seconds_per_update": round(train_seconds / max(updates_run, 1), 4),
+                  "samples_per_second": round(updates_run * trainer.args.batch_size / train_seconds, 2),
+                  **trainer.steady_phase_seconds(),
+                  "policy_ratio_error": round(trainer.policy_ratio_error(eval_prompts["input_ids"]), 6),
+                  "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                  if torch.cuda.is_available() else None, "written_by_process": PartialState().process_index}
+        if PartialState().is_main_process:
+            write_json(os.path.join(args.output_dir, "eval.json"), result)
+            report(reference_result, trained_result, wandb_run_if_open(args))
+            print(f"Saved the policy, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
+    return result
+
+
+# %% 5. Evaluate: sample responses to the held-out prompts, score them with the classifier, estimate the KL.
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[list[int]], args: Args, seed: int) -> list[list[int]]:
+    """One sampled response per prompt (the rollouts' sampling: top_k=0, top_p=1), cut after the first EOS."""
+    device = next(model.parameters()).device
+    responses = []
+    # Same seed for reference and trained policy (a paired comparison), without disturbing training's RNG.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), args.eval_batch_size):
+            batch = tokenizer.pad({"input_ids": prompts[start : start + args.eval_batch_size]},
+                                  return_tensors="pt").to(device)
+            output = model.generate(**batch, max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=1.0,
+                                    temperature=args.temperature, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)
+            for row in output[:, batch["input_ids"].shape[1] :].tolist():
+                end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+                responses.append([token for token in row[:end] if token != tokenizer.pad_token_id])
+    return responses
+
+
+@torch.no_grad()
+def response_logprobs(model, prompts, responses, temperature: float) -> torch.Tensor:
+    """Sum over each response of log p(token | prompt, earlier tokens), at the sampling temperature."""
+    device = next(model.parameters()).device
+    totals = []
+    for prompt, response in zip(prompts, responses):
+        ids = torch.tensor([prompt + response], device=device)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature
+        totals.append(torch.log_softmax(logits.float(), -1).gather(-1, ids[0, len(prompt) :, None]).sum())
+    return torch.stack(totals).cpu() if totals else torch.zeros(0)
+
+
+def evaluate(model, ref_policy, reward: "SentimentReward", tokenizer, eval_prompts, args: Args) -> dict:
+    """Reward statistics of `model` on the held-out prompts, with its KL to the reference on its own samples."""
+    was_training = model.training
+    model.eval()
+    prompts = list(eval_prompts["input_ids"])  # datasets 5 returns a lazy Column
+    responses = generate_responses(model, tokenizer, prompts, args, seed=args.seed + 2)
+    rewards = reward.backbone.score_token_rows([p + r for p, r in zip(prompts, responses)]).cpu().tolist()
+    kl = torch.zeros(len(prompts)) if model is ref_policy else (
+        response_logprobs(model, prompts, responses, args.temperature)
+        - response_logprobs(ref_policy, prompts, responses, args.temperature))
+    model.train(was_training)
+    return {
+        "reward_mean": statistics.fmean(rewards), "reward_median": statistics.median(rewards),
+        "reward_std": statistics.pstdev(rewards), "kl_to_reference": kl.mean().item(), "num_prompts": len(rewards),
+        "samples": [{"prompt": q, "response": tokenizer.decode(r, skip_special_tokens=True), "reward": v}
+                    for q, r, v in zip(list(eval_prompts["query"]), responses, rewards)],
+    }
+
+
+# %% 6. Report: the before/after table, eval.json and the tracker's summary.
+def report(reference: dict, trained: dict, wandb_run=None):
+    """Print the before/after comparison, and log it to wandb when a run is open."""
+    print("\n=== Held-out evaluation ===============================================")
+    print(f"{'':10} {'reward mean':>12} {'reward median':>14} {'KL to ref':>10}")
+    for name, result in (("reference", reference), ("trained", trained)):
+        print(f"{name:10} {result['reward_mean']:12.3f} {result['reward_median']:14.3f} "
+              f"{result['kl_to_reference']:10.3f}")
+    for ref_sample, new_sample in list(zip(reference["samples"], trained["samples"]))[:5]:
+        print(f"\nprompt:    {ref_sample['prompt']!r}")
+        print(f"reference: {ref_sample['response']!r}  [{ref_sample['reward']:+.2f}]")
+        print(f"trained:   {new_sample['response']!r}  [{new_sample['reward']:+.2f}]")
+    print("=======================================================================\n")
+    summary = {f"eval/{name}/{key}": result[key] for name, result in (("reference", reference), ("trained", trained))
+               for key in ("reward_mean", "reward_median", "reward_std", "kl_to_reference")}
+    rows = [[r["prompt"], r["response"], r["reward"], t["response"], t["reward"]]
+            for r, t in zip(reference["samples"], trained["samples"])]
+    log_evaluation(wandb_run, summary, "eval/samples", rows,
+                   ["prompt", "reference response", "reference reward", "trained response", "trained reward"])
+
+
+# %% Appendix A: TRL 1.12 workarounds. Where this script touches TRL's PPO trainer, and why:
+# - the reward model interface: TRL calls `score(backbone(policy ids))`; DistilBERT has its own tokenizer
+#   (SentimentReward, DecodeAndClassify)
+# - PPOTrainer.train: swaps the module globals `gc` and `empty_cache` of trl.experimental.ppo.ppo_trainer while it
+#   runs (TRL's per-update memory freeing), and the policy's generation_config.cache_implementation (static cache)
+# - PPOTrainer.dataloader: replaced by a resumable batch order (TRL reshuffles from the global RNG, cannot resume)
+# - PPOTrainer.log / generate_completions / sample_generations_freq: the reward's spread, phase timings, sample
+#   tables every N updates without shifting training's RNG
+# - callbacks and accelerate's save_state/load_state: checkpoints and resume (TRL 1.12's PPO has none)
+# - save_outputs: not TRL's save_model, which fails with several processes
+from types import SimpleNamespace
+
+from transformers import DataCollatorWithPadding, GenerationConfig, TrainerCallback
+from trl.experimental.ppo import PPOTrainer
+from trl.experimental.ppo import ppo_trainer as trl_ppo_module
+from trl.trainer.utils import selective_log_softmax
+
+
 class DecodeAndClassify(torch.nn.Module):
     """Backbone of `SentimentReward`: policy token ids -> text -> classifier tokens -> one logit per sequence."""
 
     def __init__(self, classifier, classifier_tokenizer, policy_tokenizer, label_index: int, batch_size: int):
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
-        self.classifier_tokenizer = classifier_tokenizer
-        self.policy_tokenizer = policy_tokenizer
-        self.label_index = label_index
-        self.batch_size = batch_size
+        self.classifier_tokenizer, self.policy_tokenizer = classifier_tokenizer, policy_tokenizer
+        self.label_index, self.batch_size = label_index, batch_size
         self.recent_rewards: list[torch.Tensor] = []  # rewards since the last `pop_recent_rewards`, for logging
 
     @torch.no_grad()
@@ -367,7 +454,7 @@ class DecodeAndClassify(torch.nn.Module):
         self.recent_rewards.append(scores.detach().cpu())
         # TRL reads `score(hidden_states[-1])` at each sequence's last token: broadcast the score over positions.
         hidden = scores.view(-1, 1, 1).expand(-1, input_ids.shape[1], 1)
-        return argparse.Namespace(hidden_states=(hidden,))
+        return SimpleNamespace(hidden_states=(hidden,))
 
 
 class SentimentReward(torch.nn.Module):
@@ -386,125 +473,30 @@ class SentimentReward(torch.nn.Module):
         return torch.cat(rewards) if rewards else torch.zeros(0)
 
 
-def load_reward_model(args: Args, policy_tokenizer) -> SentimentReward:
-    name = args.reward_model_name_or_path
-    classifier = load_or_explain(AutoModelForSequenceClassification.from_pretrained, name, "reward_model_name_or_path")
-    classifier_tokenizer = load_or_explain(AutoTokenizer.from_pretrained, name, "reward_model_name_or_path")
-    label2id = classifier.config.label2id or {}
-    # By name, never by position: sorted pipeline outputs once made the anchor notebook read the wrong class.
-    if args.positive_label not in label2id:
-        fail(f"The classifier '{name}' has no label '{args.positive_label}' (its labels: {sorted(label2id)}). "
-             f"Set --positive_label to the label whose logit should be the reward.")
-    return SentimentReward(DecodeAndClassify(
-        classifier, classifier_tokenizer, policy_tokenizer, label2id[args.positive_label], args.reward_batch_size))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: sample responses to the held-out prompts, score them with the same classifier, estimate the KL.
-# ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[list[int]], args: Args, seed: int) -> list[list[int]]:
-    """One sampled response per prompt (the rollouts' sampling: top_k=0, top_p=1), cut after the first EOS."""
-    device = next(model.parameters()).device
-    responses = []
-    # Same seed for reference and trained policy (a paired comparison), without disturbing training's RNG.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), args.eval_batch_size):
-            responses += sample_batch(model, tokenizer, prompts[start : start + args.eval_batch_size], args)
-    return responses
-
-
-def sample_batch(model, tokenizer, prompts: list[list[int]], args: Args) -> list[list[int]]:
-    device = next(model.parameters()).device
-    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(device)
-    output = model.generate(
-        **batch, max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=1.0,
-        temperature=args.temperature, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    responses = []
-    for row in output[:, batch["input_ids"].shape[1] :].tolist():
-        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-        responses.append([token for token in row[:end] if token != tokenizer.pad_token_id])
-    return responses
-
-
-@torch.no_grad()
-def response_logprobs(model, prompts, responses, pad_token_id: int, temperature: float) -> torch.Tensor:
-    """Sum over each response of log p(token | prompt, earlier tokens), at the sampling temperature."""
-    device = next(model.parameters()).device
-    totals = []
-    for prompt, response in zip(prompts, responses):
-        ids = torch.tensor([prompt + response], device=device)
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature
-        picked = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, len(prompt) :, None])
-        totals.append(picked.sum())
-    return torch.stack(totals).cpu() if totals else torch.zeros(0)
-
-
-def evaluate(model, ref_policy, reward: SentimentReward, tokenizer, eval_prompts, args: Args) -> dict:
-    """Reward statistics of `model` on the held-out prompts, with its KL to the reference on its own samples."""
-    was_training = model.training
-    model.eval()
-    prompts = list(eval_prompts["input_ids"])  # datasets 5 returns a lazy Column
-    responses = generate_responses(model, tokenizer, prompts, args, seed=args.seed + 2)
-    rewards = reward.backbone.score_token_rows([p + r for p, r in zip(prompts, responses)]).cpu()
-    kl = torch.zeros(len(prompts))
-    if model is not ref_policy:
-        kl = (response_logprobs(model, prompts, responses, tokenizer.pad_token_id, args.temperature)
-              - response_logprobs(ref_policy, prompts, responses, tokenizer.pad_token_id, args.temperature))
-    model.train(was_training)
-    values = rewards.tolist()
-    return {
-        "reward_mean": statistics.fmean(values),
-        "reward_median": statistics.median(values),
-        "reward_std": statistics.pstdev(values),
-        "kl_to_reference": kl.mean().item(),
-        "num_prompts": len(values),
-        "samples": [
-            {"prompt": q, "response": tokenizer.decode(r, skip_special_tokens=True), "reward": v}
-            for q, r, v in zip(list(eval_prompts["query"]), responses, values)
-        ],
-    }
-
-
-def report(reference: dict, trained: dict, wandb_run=None):
-    """Print the before/after comparison, and log it to wandb when a run is open."""
-    print("\n=== Held-out evaluation ===============================================")
-    print(f"{'':10} {'reward mean':>12} {'reward median':>14} {'KL to ref':>10}")
-    for name, result in (("reference", reference), ("trained", trained)):
-        print(f"{name:10} {result['reward_mean']:12.3f} {result['reward_median']:14.3f} "
-              f"{result['kl_to_reference']:10.3f}")
-    for ref_sample, new_sample in list(zip(reference["samples"], trained["samples"]))[:5]:
-        print(f"\nprompt:    {ref_sample['prompt']!r}")
-        print(f"reference: {ref_sample['response']!r}  [{ref_sample['reward']:+.2f}]")
-        print(f"trained:   {new_sample['response']!r}  [{new_sample['reward']:+.2f}]")
-    print("=======================================================================\n")
-    if wandb_run is not None:
-        import wandb
-
-        for name, result in (("reference", reference), ("trained", trained)):
-            for key in ("reward_mean", "reward_median", "reward_std", "kl_to_reference"):
-                wandb_run.summary[f"eval/{name}/{key}"] = result[key]
-        rows = [[r["prompt"], r["response"], r["reward"], t["response"], t["reward"]]
-                for r, t in zip(reference["samples"], trained["samples"])]
-        columns = ["prompt", "reference response", "reference reward", "trained response", "trained reward"]
-        wandb_run.log({"eval/samples": wandb.Table(columns=columns, data=rows)})
-        wandb_run.finish()  # flush and close the run: the evaluation is the last thing it records
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------
 class SentimentPPOTrainer(PPOTrainer):
-    """TRL's PPO trainer, plus in the logs the rollout reward's spread (TRL logs only its mean) and the wall time of
-    each update's two phases: rollout (generation, reward, reference and value passes, advantages) and
-    optimisation (the PPO epochs); and without TRL's per-update memory freeing unless asked for (see train())."""
+    """TRL's PPO trainer, set up in its constructor for this recipe: sample tables every `sample_every` updates,
+    checkpoints and faithful resume (weights, optimizer, schedule, RNG, counters, data position), a stop on Ctrl-C
+    or SIGTERM after the current update, the reward's spread in the logs (TRL logs only its mean), the wall time of
+    each update's rollout and optimisation phases, and no per-update memory freeing unless asked for."""
 
-    def __init__(self, *args, free_memory_each_update: bool = False, static_cache_generation: bool = False, **kwargs):
+    def __init__(self, *args, settings: Args, checkpoint: Optional[str], stop: "StopRequest", **kwargs):
         super().__init__(*args, **kwargs)
-        self.free_memory_each_update = free_memory_each_update  # see train()
-        self.static_cache_generation = static_cache_generation  # see train()
+        self.settings = settings
+        if settings.sample_every > 0:
+            self.sample_generations_freq = settings.sample_every  # TRL spreads a fixed count; we want every N
+        self.total_updates = self.args.num_total_batches
+        self.checkpoints = Checkpoints(self, settings, stop)  # registers the schedule with accelerate's save_state
+        self.updates_done = 0  # by the run this one resumes
+        if checkpoint:
+            self.accelerator.load_state(checkpoint)  # weights, optimizer, schedule and every RNG
+            with open(os.path.join(checkpoint, "counters.json")) as handle:
+                self.checkpoints.resumed = json.load(handle)
+            self.updates_done = self.checkpoints.resumed["global_step"]
+            self.args.num_total_batches = self.total_updates - self.updates_done  # TRL's loop runs this many
+        self.add_callback(self.checkpoints)
+        self.dataloader = self.timed(ResumableBatches(
+            self.train_dataset, self.args.local_batch_size, DataCollatorWithPadding(self.processing_class),
+            settings.seed, self.accelerator.process_index, self.accelerator.num_processes, self.updates_done))
         self.phase_seconds = {"rollout": [], "optimisation": []}  # one entry per update, in order
         self.phase_started = {}
         # The policy-and-value wrapper runs only in the PPO epochs: rollouts call the policy and value model apart.
@@ -515,14 +507,13 @@ class SentimentPPOTrainer(PPOTrainer):
         # models' peak memory down. For GPT-2 that costs more than it saves: one collect took 0.22 s on 2 CPU cores
         # (a tiny update went from 0.68 s to 0.22 s without them), and an emptied cache makes every update ask the
         # GPU driver for its memory again. Python's own collector still runs as usual.
-        swapped = {}
-        if not self.free_memory_each_update:
-            swapped.update(gc=SimpleNamespace(collect=lambda *args: 0), empty_cache=lambda: None)
+        swapped = {} if self.settings.free_memory_each_update else \
+            {"gc": SimpleNamespace(collect=lambda *args: 0), "empty_cache": lambda: None}
         saved = {name: getattr(trl_ppo_module, name) for name in swapped}
         vars(trl_ppo_module).update(swapped)
         generation_config = self.accelerator.unwrap_model(self.model).policy.generation_config
         cache_before = generation_config.cache_implementation
-        if self.static_cache_generation:
+        if self.settings.static_cache_generation:
             generation_config.cache_implementation = "static"  # TRL's rollout config leaves it unset: ours applies
         try:
             return super().train()
@@ -581,17 +572,17 @@ class SentimentPPOTrainer(PPOTrainer):
         self.reward_model.pop_recent_rewards()  # sample-table rewards are not rollout rewards
 
     @torch.no_grad()
-    def policy_ratio_error(self, queries: torch.Tensor) -> float:
-        """Mean |ratio - 1| over response tokens at the first PPO epoch, before any optimizer step: the rollout's
+    def policy_ratio_error(self, prompts) -> float:
+        """Mean |ratio - 1| over response tokens at a first PPO epoch, before any optimizer step: the rollout's
         log-probabilities (from generation, in the load precision) against those of the PPO epochs' forward pass
-        (the prepared model, under autocast where it is on), both through TRL's own functions. Ideally 0; bf16
-        autocast makes it a little larger, and PPO's clipping (cliprange) sees that difference as policy change."""
+        (the prepared model, under autocast where it is on), both through TRL's own functions, on up to one batch
+        of `prompts`. Ideally 0; PPO's clipping sees any difference as policy change."""
         pad_token_id, temperature = self.processing_class.pad_token_id, self.args.temperature + 1e-7
+        queries = self.processing_class.pad({"input_ids": list(prompts)[: self.args.local_batch_size]},
+                                            return_tensors="pt")["input_ids"].to(self.accelerator.device)
         config = GenerationConfig(max_new_tokens=self.args.response_length, temperature=temperature, top_k=0.0,
                                   top_p=1.0, do_sample=True)
-        policy = self.accelerator.unwrap_model(self.model).policy
-        queries = queries.to(self.accelerator.device)
-        context = queries.shape[1]
+        policy, context = self.accelerator.unwrap_model(self.model).policy, queries.shape[1]
         with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
             query_responses, logits = trl_ppo_module.batch_generation(policy, queries, len(queries), pad_token_id,
                                                                       config)
@@ -599,9 +590,8 @@ class SentimentPPOTrainer(PPOTrainer):
         rollout = selective_log_softmax(logits, responses)
         output, _ = trl_ppo_module.forward(self.model, query_responses, pad_token_id)
         epoch = selective_log_softmax(output.logits[:, context - 1 : -1].float() / temperature, responses)
-        # Tokens up to and including the first EOS; TRL masks what follows.
-        valid = torch.cumsum((responses == self.processing_class.eos_token_id).long(), 1) \
-            - (responses == self.processing_class.eos_token_id).long() == 0
+        eos = (responses == self.processing_class.eos_token_id).long()
+        valid = torch.cumsum(eos, 1) - eos == 0  # tokens up to and including the first EOS; TRL masks the rest
         return ((epoch - rollout).exp() - 1).abs()[valid].mean().item()
 
 
@@ -624,33 +614,6 @@ class ResumableBatches:
             update += 1
 
 
-class StopRequest:
-    """First Ctrl-C or SIGTERM: finish the current update, save a checkpoint and exit. A second one stops at once."""
-
-    def __init__(self):
-        self.signal_name = None
-        self.previous = {}
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-
-    def uninstall(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        if self.signal_name:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: finishing this update, then saving a checkpoint (again to stop at once).",
-              file=sys.stderr, flush=True)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + getattr(signal, self.signal_name)  # 130 for Ctrl-C, 143 for SIGTERM: the shell's convention
-
-
 class Stopped(Exception):
     """Raised after the checkpoint of an interrupted run is saved (TRL's PPO loop has no stop flag of its own)."""
 
@@ -658,20 +621,26 @@ class Stopped(Exception):
 class Checkpoints(TrainerCallback):
     """Saves what a faithful continuation needs, every `save_steps` updates and when a stop is requested: policy and
     value model, optimizer, learning-rate schedule, every RNG (accelerate's save_state), and the update and episode
-    counters. On resume, restores the counters that TRL's loop resets when it starts."""
+    counters. Written under a temporary name and renamed when complete, so a crash while saving never leaves a
+    checkpoint that looks complete. On resume, restores the counters that TRL's loop resets when it starts."""
 
-    def __init__(self, trainer, args: Args, stop: StopRequest):
+    def __init__(self, trainer, args: Args, stop: "StopRequest"):
         self.trainer, self.args, self.stop = trainer, args, stop
         self.resumed: Optional[dict] = None  # the counters of the checkpoint this run continues from
         trainer.accelerator.register_for_checkpointing(trainer.lr_scheduler)
 
     def save(self, state) -> str:
+        accelerator = self.trainer.accelerator
         directory = os.path.join(self.args.output_dir, f"checkpoint-{state.global_step}")
-        self.trainer.accelerator.save_state(directory, safe_serialization=False)  # GPT-2 ties two weights
-        if self.trainer.accelerator.is_main_process:
-            with open(os.path.join(directory, "counters.json"), "w") as handle:
-                json.dump({"global_step": state.global_step, "episode": state.episode}, handle)
-        self.trainer.accelerator.wait_for_everyone()
+        staging = os.path.join(self.args.output_dir, f".saving-checkpoint-{state.global_step}")
+        accelerator.save_state(staging, safe_serialization=False)  # GPT-2 ties two weights
+        if accelerator.is_main_process:
+            write_json(os.path.join(staging, "counters.json"),
+                       {"global_step": state.global_step, "episode": state.episode})
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.replace(staging, directory)
+        accelerator.wait_for_everyone()
         return directory
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -685,99 +654,6 @@ class Checkpoints(TrainerCallback):
             directory = self.save(state)
             if self.stop.signal_name:
                 raise Stopped(directory)
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    steps = [int(name.split("-")[1]) for name in os.listdir(output_dir)
-             if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-             and os.path.exists(os.path.join(output_dir, name, "counters.json"))] if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def resolve_checkpoint(args: Args) -> Optional[str]:
-    if args.resume is None:
-        return None
-    checkpoint = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
-    if checkpoint is None or not os.path.exists(os.path.join(checkpoint, "counters.json")):
-        fail(f"--resume: no checkpoint of this script in {checkpoint or args.output_dir!r} (a checkpoint-N "
-             f"directory with counters.json). Give the output dir of the interrupted run, or a checkpoint path.")
-    return checkpoint
-
-
-def resume_command(checkpoint: str) -> str:
-    kept = [a for a in sys.argv[1:] if a != "--resume"]
-    return " ".join(["python", os.path.basename(sys.argv[0]), *kept, "--resume", checkpoint])
-
-
-def wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def prepare_tracking(args: Args):
-    """wandb without credentials and without a terminal would wait forever on a login prompt: go offline."""
-    if args.report_to == "wandb" and not os.environ.get("WANDB_MODE") and not wandb_has_credentials() \
-            and not sys.stdin.isatty():
-        os.environ["WANDB_MODE"] = "offline"
-        print("wandb: no credentials and no terminal to ask for them: logging offline to ./wandb "
-              "(`wandb sync` uploads it later).")
-
-
-def on_gpu(args: Args) -> bool:
-    return args.device != "cpu" and torch.cuda.is_available()
-
-
-def bf16_autocast(args: Args) -> bool:
-    return args.bf16_autocast and on_gpu(args) and torch.cuda.is_bf16_supported()
-
-
-def tf32_setting(args: Args) -> Optional[bool]:
-    """TrainingArguments' `tf32` (a process-wide matmul setting, so TRL's own Accelerator does not undo it): the
-    choice where the GPU has TF32, else None, PyTorch's default (asking for TF32 without it raises)."""
-    return args.tf32 if on_gpu(args) and is_torch_tf32_available() else None
-
-
-def build_ppo_config(args: Args, eval_size: int) -> PPOConfig:
-    gpu = on_gpu(args)
-    return PPOConfig(
-        output_dir=args.output_dir,
-        seed=args.seed,
-        learning_rate=args.learning_rate,
-        total_episodes=args.total_episodes,
-        num_train_epochs=1,  # used only when total_episodes is None: one pass over the prompts
-        per_device_train_batch_size=args.batch_size // args.gradient_accumulation_steps,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_mini_batches=args.num_mini_batches,
-        num_ppo_epochs=args.num_ppo_epochs,
-        kl_coef=args.kl_coef,
-        cliprange=args.cliprange,
-        cliprange_value=args.cliprange_value,
-        vf_coef=args.vf_coef,
-        gamma=args.gamma,
-        lam=args.lam,
-        response_length=args.response_length,
-        temperature=args.temperature,
-        stop_token="eos",
-        local_rollout_forward_batch_size=args.batch_size,
-        per_device_eval_batch_size=min(16, eval_size),
-        num_sample_generations=1 if args.sample_every > 0 else 0,  # > 0 turns the sample tables on
-        report_to=args.report_to,
-        run_name=args.run_name,
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        dataset_num_proc=args.dataset_num_proc,
-        use_cpu=not gpu,
-        bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU
-        tf32=tf32_setting(args),
-    )
 
 
 def save_outputs(trainer, tokenizer, args: Args):
@@ -797,9 +673,466 @@ def save_outputs(trainer, tokenizer, args: Args):
     trainer.accelerator.wait_for_everyone()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tiny offline preset: small models and data built here, saved to disk, and loaded back through the same code.
-# ----------------------------------------------------------------------------------------------------------------
+def bf16_autocast(args: Args) -> bool:
+    return args.bf16_autocast and on_gpu(args) and torch.cuda.is_bf16_supported()
+
+
+# %% Appendix B: this script's settings checks: one paragraph naming the setting, before anything is loaded.
+def validate(args: Args):
+    positive = dict(
+        response_length=args.response_length, prompt_min_tokens=args.prompt_min_tokens, batch_size=args.batch_size,
+        num_ppo_epochs=args.num_ppo_epochs, num_eval_prompts=args.num_eval_prompts, learning_rate=args.learning_rate,
+        num_mini_batches=args.num_mini_batches, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        reward_batch_size=args.reward_batch_size, temperature=args.temperature, eval_batch_size=args.eval_batch_size,
+        total_episodes=1 if args.total_episodes is None else args.total_episodes,
+    )
+    for name, value in positive.items():
+        if not value > 0:
+            fail(f"--{name} must be positive, got {value}.")
+    if args.prompt_max_tokens < args.prompt_min_tokens:
+        fail(f"--prompt_max_tokens ({args.prompt_max_tokens}) is below --prompt_min_tokens ({args.prompt_min_tokens}).")
+    if args.batch_size % args.gradient_accumulation_steps:
+        fail(f"--batch_size ({args.batch_size}) must be a multiple of --gradient_accumulation_steps "
+             f"({args.gradient_accumulation_steps}).")
+    if args.batch_size % args.num_mini_batches:
+        fail(f"--batch_size ({args.batch_size}) must be a multiple of --num_mini_batches ({args.num_mini_batches}).")
+    if args.num_mini_batches > 1 and args.gradient_accumulation_steps > 1:
+        # TRL 1.12 steps the optimizer every `gradient_accumulation_steps` micro-batches counted across the whole
+        # rollout batch, so with both > 1 it accumulates over several mini-batches: fewer, larger steps than asked.
+        fail("--num_mini_batches and --gradient_accumulation_steps cannot both be above 1 with TRL 1.12's PPO "
+             "trainer (it would accumulate gradients across mini-batches). Set one of them to 1.")
+    validate_common(args)
+
+
+# <shared plumbing>
+# %% Appendix C: shared plumbing. Identical in both scripts (a test compares them), inlined so that each script
+# runs copied alone: settings parsing and presets, clear errors, output-dir protection, checkpoints, interrupts,
+# trackers. Everything here reads the script's own `Args`, `PRESETS` and `SCRIPT`.
+import argparse
+import json
+import random
+import signal
+import sys
+import textwrap
+
+import numpy as np
+from transformers import AutoTokenizer
+from transformers.utils import is_torch_tf32_available
+from trl import TrlParser
+
+
+def parse_args(argv: Optional[list] = None) -> Args:
+    """`Args` from the command line and an optional YAML file: flags win over YAML, YAML over the constants in
+    `Args`. A preset changes only defaults, and prints one line with each constant it changed. In a notebook
+    kernel the command line is the kernel's own: it is ignored, and the constants as edited in `Args` are used."""
+    if argv is None:
+        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+    argv = list(argv)
+    for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
+        if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "latest")
+    base = parse_with_defaults(argv, {})
+    if base.preset not in (None, *PRESETS):
+        fail(f"--preset must be one of {', '.join(PRESETS)}, got {base.preset!r}.")
+    args = parse_with_defaults(argv, PRESETS[base.preset]) if base.preset else base
+    if args.preset == "tiny":
+        args.tiny_assets_dir = args.tiny_assets_dir or os.path.join(args.output_dir, "tiny_assets")
+        for name, value in vars(args).items():
+            if isinstance(value, str) and "{tiny}" in value:
+                setattr(args, name, value.replace("{tiny}", args.tiny_assets_dir))
+    changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in PRESETS.get(args.preset, {})
+               if getattr(args, name) != getattr(base, name)]
+    if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
+        print(f"preset {args.preset} changes: {', '.join(changed)}")
+    return args
+
+
+def build_parser(defaults: dict) -> TrlParser:
+    parser = TrlParser(Args)
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="YAML file of settings (name: value); flags given on the command line win over it")
+    for action in parser._actions:  # transformers gives --no_X the help of --X, which says the opposite
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"turn --{action.option_strings[0][5:]} off"
+            action.default = argparse.SUPPRESS  # its "(default: False)" read as the setting's; --X's default rules
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def parse_with_defaults(argv: list, defaults: dict) -> Args:
+    try:
+        (args,) = build_parser(defaults).parse_args_and_config(args=list(argv))
+    except ValueError as err:  # TRL's parser reports YAML problems as ValueError
+        import difflib
+
+        unknown = [token[2:] for token in str(err).split("[", 1)[-1].split("'") if token.startswith("--")]
+        if not unknown:
+            fail(f"--config: {err}")
+        known = list(Args.__dataclass_fields__)
+        hints = [f"'{name}'" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1))
+                                else "") for name in unknown]
+        fail(f"--config: unknown setting {', '.join(hints)} in the YAML file. Every setting is a field of Args "
+             f"(`python {SCRIPT} --help` lists them).")
+    except OSError as err:
+        fail(f"--config: cannot read the YAML file ({err.strerror}: {err.filename}).")
+    return args
+
+
+def fail(message: str):
+    """Stop before (or without losing) any training, with one readable paragraph."""
+    raise SystemExit("\nerror: " + textwrap.fill(" ".join(message.split()), width=110) + "\n")
+
+
+def offline_hint() -> str:
+    return f"`python {SCRIPT} --preset tiny` runs the whole pipeline offline on tiny local models."
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def is_gated(err: BaseException) -> bool:
+    """A gated or forbidden hub repository: the hub's own error type or status code, anywhere in the chain."""
+    import re
+
+    from huggingface_hub.errors import GatedRepoError
+
+    while err is not None:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(err, GatedRepoError) or status in (401, 403) or "gated repo" in str(err).lower() \
+                or re.search(r"\b40[13] Client Error\b", str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def explain_load_error(err: Exception, name: str, setting: str, related: Optional[str] = None) -> str:
+    settings = f"--{setting}" + (f" and --{related}" if related else "")
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    if is_gated(err):
+        return (f"'{name}' (--{setting}) is a gated model and this machine has no access to it: accept its license "
+                f"on the model's hub page with your account, then give this machine your token "
+                f"(`huggingface-cli login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
+                f"directory. {offline_hint()}")
+    offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
+    if any(marker in text.lower() for marker in offline_markers):
+        return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
+                f"local cache. Connect to the internet, or download it elsewhere and set --{setting} to its local "
+                f"directory. {offline_hint()}")
+    first_line = " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else type(err).__name__
+    return f"Could not load '{name}' ({settings}): {first_line.rstrip('.')}. Check {settings}. {offline_hint()}"
+
+
+def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
+    """Run `load(name)` and turn missing paths, gated repos and hub outages into one clear paragraph."""
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        fail(f"--{setting}={name!r} looks like a local path, but nothing exists there. {offline_hint()}")
+    try:
+        return load(os.path.expanduser(name) if looks_local(name) else name)
+    except (OSError, ValueError) as err:  # hub, cache and file errors are OSError subclasses in HF libraries
+        fail(explain_load_error(err, name, setting, related))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def load_checked_tokenizer(name: str, setting: str, **kwargs):
+    """The tokenizer saved with a model, refused when it cannot be the model's: transformers 5 builds an empty one
+    from a directory without tokenizer files, and every text then maps to the same few ids. `kwargs` (such as
+    padding_side) are given at load time, so that the saved tokenizer keeps them."""
+    path = os.path.expanduser(name)
+    if looks_local(name) and os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
+                                                              for f in TOKENIZER_FILES):
+        fail(f"'{name}' (--{setting}) holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the model's "
+             f"tokenizer there too (tokenizer.save_pretrained), or set --{setting} to a directory that has both.")
+    tokenizer = load_or_explain(lambda path: AutoTokenizer.from_pretrained(path, **kwargs), name, setting)
+    vocab_size = getattr(load_or_explain(AutoConfig.from_pretrained, name, setting).get_text_config(), "vocab_size", 0)
+    ordinary = len(set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids))
+    if ordinary == 0 or (vocab_size and len(tokenizer) < vocab_size // 2):
+        fail(f"The tokenizer in '{name}' (--{setting}) does not fit its model: {len(tokenizer)} tokens "
+             f"({ordinary} of them ordinary) for an embedding table of {vocab_size}. Save the model's own tokenizer "
+             f"there (tokenizer.save_pretrained), or set --{setting} to a directory that has both.")
+    return tokenizer
+
+
+def validate_common(args):
+    """Settings every run needs right: tracker, device, resume, output dir."""
+    if args.report_to not in ("wandb", "tensorboard", "none"):
+        fail(f"--report_to must be wandb, tensorboard or none, got {args.report_to!r}.")
+    import importlib.util
+
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        fail(f"--report_to {args.report_to} needs the {args.report_to} package, which is not installed: "
+             f"`pip install -r requirements.txt` (it pins it), or choose another --report_to.")
+    if args.device not in ("auto", "cuda", "cpu"):
+        fail(f"--device must be auto, cuda or cpu, got {args.device!r}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device auto or cpu.")
+    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume!r} is not a directory. Use --resume alone for the latest checkpoint in "
+             f"--output_dir, or give a checkpoint-N directory.")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, f".write_test_{os.getpid()}")  # one per process: no race
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        fail(f"--output_dir {args.output_dir!r} is not writable ({err.strerror}). Choose a directory you can write to.")
+
+
+def check_hub_reachable(args, settings: list):
+    """Without a connection, each hub load retries for about 20 seconds before it gives up. Ask once, quickly;
+    if the hub cannot be reached, say so in one line and load from the local cache only (which fails fast)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    names = [getattr(args, setting) for setting in settings if getattr(args, setting)]
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or all(map(looks_local, names)):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    reached = []
+
+    def connect():
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout=5)
+    if not reached:
+        import datasets.config
+        import huggingface_hub.constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+        PartialState().print(f"The Hugging Face Hub ({host}) cannot be reached: loading from the local cache only.")
+
+
+def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
+    """The checkpoint to resume from, or None for a fresh start. A finished run (eval.json) or an unfinished one
+    (checkpoints) is never overwritten silently: a fresh start over it needs --overwrite_output_dir."""
+    directory = args.output_dir
+    checkpoints = sorted((name for name in os.listdir(directory) if name.startswith("checkpoint-")
+                          and name.split("-")[1].isdigit()), key=lambda name: int(name.split("-")[1]))
+    finished = os.path.exists(os.path.join(directory, "eval.json"))
+    if args.resume:
+        if args.resume == "latest":
+            complete = [name for name in checkpoints if os.path.exists(os.path.join(directory, name, checkpoint_marker))]
+            if not complete:
+                fail(f"--resume: no checkpoint of this script in --output_dir {directory!r} (a checkpoint-N directory "
+                     f"with {checkpoint_marker}). Give the output dir of the interrupted run, or a checkpoint path.")
+            checkpoint = os.path.join(directory, complete[-1])
+        else:
+            checkpoint = args.resume
+        check_checkpoint(checkpoint, checkpoint_marker)
+        return checkpoint
+    if (finished or checkpoints) and not args.overwrite_output_dir:
+        what = "a finished run (eval.json and the trained model)" if finished else \
+            f"checkpoints of an unfinished run ({', '.join(checkpoints[-3:])})"
+        fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
+             f"another --output_dir, continue it with --resume, or pass --overwrite_output_dir to start over "
+             f"(its eval.json and checkpoints are deleted).")
+    PartialState().wait_for_everyone()  # every process has looked before the main one deletes anything
+    if (finished or checkpoints) and PartialState().is_main_process:
+        import shutil
+
+        for name in checkpoints:
+            shutil.rmtree(os.path.join(directory, name))
+        if finished:
+            os.remove(os.path.join(directory, "eval.json"))
+        print(f"--overwrite_output_dir: deleted the earlier run's eval.json and {len(checkpoints)} checkpoint(s).")
+    PartialState().wait_for_everyone()
+    return None
+
+
+def check_checkpoint(checkpoint: str, marker: str):
+    """Every file of a checkpoint complete and readable, before any model is loaded; else say which file is
+    broken and what to do. Reads headers and archive directories, not whole tensors."""
+    import pickle
+    import zipfile
+
+    broken = None if os.path.exists(os.path.join(checkpoint, marker)) else f"{marker} is missing"
+    for root, _, files in os.walk(checkpoint):
+        for name in files if broken is None else []:
+            path = os.path.join(root, name)
+            try:
+                if name.endswith(".safetensors"):
+                    with open(path, "rb") as handle:
+                        header_size = int.from_bytes(handle.read(8), "little")
+                        header = json.loads(handle.read(header_size))
+                    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                    if os.path.getsize(path) < 8 + header_size + end:
+                        raise ValueError("shorter than its header says (truncated)")
+                elif name.endswith((".bin", ".pt", ".pth")) or (name.endswith(".pkl") and zipfile.is_zipfile(path)):
+                    zipfile.ZipFile(path).close()  # torch.save writes a zip archive; its directory is at the end
+                elif name.endswith(".pkl"):
+                    with open(path, "rb") as handle:
+                        pickle.load(handle)
+                elif name.endswith(".json"):
+                    with open(path) as handle:
+                        json.load(handle)
+            except Exception as err:  # any failure to read means the file is broken
+                broken = f"{os.path.relpath(path, checkpoint)} cannot be read ({type(err).__name__}: {err})"
+    if broken:
+        parent, name = os.path.split(os.path.normpath(checkpoint))
+        step = int(name.split("-")[-1]) if name.split("-")[-1].isdigit() else None
+        earlier = sorted((int(other.split("-")[1]) for other in os.listdir(parent or ".")
+                          if other.startswith("checkpoint-") and other.split("-")[1].isdigit()
+                          and step is not None and int(other.split("-")[1]) < step
+                          and os.path.exists(os.path.join(parent, other, marker))))
+        earlier_hint = f"resume from an earlier one (--resume {os.path.join(parent, f'checkpoint-{earlier[-1]}')}), or " \
+            if earlier else ""
+        fail(f"The checkpoint {checkpoint!r} is incomplete or damaged: {broken}. Nothing was loaded: "
+             f"{earlier_hint}start fresh with --overwrite_output_dir (without --resume).")
+
+
+def write_json(path: str, data: dict):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file under the real name."""
+    with open(path + ".tmp", "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM, as a context manager around a run. While training, the first finishes the current step,
+    saves a checkpoint and exits with 130 or 143; a second stops at once. While the trained model is being saved,
+    the first lets the save finish. Otherwise one stops at once. Never with a traceback."""
+
+    LEFT = {"setup": "Nothing was trained yet.",
+            "training": "This step's checkpoint was not saved; earlier checkpoints are kept.",
+            "saving": "The trained model may be partly written; the last checkpoint is kept.",
+            "evaluation": "The trained model is saved in --output_dir; the evaluation (eval.json) was not written."}
+    FINISHING = {"training": "finishing the current step, then saving a checkpoint",
+                 "saving": "finishing saving the trained model, then stopping"}
+
+    def __init__(self):
+        self.signal_name, self.phase, self.previous = None, "setup", {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.phase in self.FINISHING and not self.signal_name:
+            self.signal_name = name
+            print(f"\n{name}: {self.FINISHING[self.phase]} (again to stop at once).", file=sys.stderr, flush=True)
+            return
+        self.signal_name = self.signal_name or name
+        self.stop_now(f"\n{name}: stopped at once. {self.LEFT[self.phase]}")
+
+    def enter(self, phase: str):
+        """The run moves on to `phase`; a stop asked for while saving takes effect once the model is saved."""
+        self.phase = phase
+        if phase == "evaluation" and self.signal_name:
+            self.stop_now(f"\nStopped by {self.signal_name}. {self.LEFT[phase]}")
+
+    def stop_now(self, message: str):
+        print(message, file=sys.stderr, flush=True)
+        self.__exit__()
+        raise SystemExit(128 + getattr(signal, self.signal_name))  # 130 Ctrl-C, 143 SIGTERM: the shell's convention
+
+    def exit_after_checkpoint(self, when: str, checkpoint: str):
+        """The interrupted run's checkpoint is saved: say how to continue, and exit with the signal's code."""
+        how = f"set resume = {checkpoint!r} in Args and run again" if "ipykernel" in sys.modules else \
+            f"  {resume_command(checkpoint)}"
+        self.stop_now(f"\nStopped by {self.signal_name} {when}; checkpoint saved in {checkpoint}.\nResume with:\n{how}")
+
+
+def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
+    """The command line of this run, resuming from `checkpoint`: without its own --resume (bare, with a value or
+    --resume=PATH) and without --overwrite_output_dir, which would delete the checkpoints."""
+    import shlex
+
+    argv, kept, skip = list(sys.argv[1:] if argv is None else argv), [], False
+    for i, token in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        flag = token.split("=", 1)[0]
+        if flag in ("--resume", "--overwrite_output_dir", "--no_overwrite_output_dir"):
+            skip = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        kept.append(token)
+    return shlex.join(["python", SCRIPT, *kept, "--resume", checkpoint])
+
+
+def prepare_tracking(args):
+    """The tracker's project and entity; wandb without credentials logs offline (one line says so) instead of
+    asking for a login."""
+    if args.report_to != "wandb":
+        return
+    os.environ["WANDB_PROJECT"] = args.wandb_project  # read by transformers' wandb callback
+    if args.wandb_entity:
+        os.environ["WANDB_ENTITY"] = args.wandb_entity
+    if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        PartialState().print("wandb: no credentials: logging offline to ./wandb (`wandb login`, then "
+                             "`wandb sync ./wandb/offline-run-*` uploads it).")
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_run_if_open(args):
+    if args.report_to != "wandb":
+        return None
+    import wandb
+
+    return wandb.run
+
+
+def log_evaluation(wandb_run, summary: dict, table: str, rows: list, columns: list):
+    """The final evaluation on wandb, when a run is open: summary values and one table; then the run is closed."""
+    if wandb_run is None:
+        return
+    import wandb
+
+    for key, value in summary.items():
+        wandb_run.summary[key] = value
+    wandb_run.log({table: wandb.Table(columns=columns, data=rows)})
+    wandb_run.finish()  # flush and close the run: the evaluation is the last thing it records
+
+
+def on_gpu(args) -> bool:
+    return args.device != "cpu" and torch.cuda.is_available()
+
+
+def tf32_setting(args) -> Optional[bool]:
+    """TrainingArguments' `tf32` (a process-wide matmul setting, so TRL's own Accelerator does not undo it): the
+    choice where the GPU has TF32, else None, PyTorch's default (asking for TF32 without it raises)."""
+    return args.tf32 if on_gpu(args) and is_torch_tf32_available() else None
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+# </shared plumbing>
+
+
+# %% Appendix D: tiny offline preset: small models and data built here, saved to disk, and loaded back through the
+# same code as a real run's.
 SUBJECTS = ["the film", "this movie", "the story", "the acting", "the script", "the soundtrack", "the ending",
             "every scene", "the cast", "the direction", "the dialogue", "the camera work"]
 GOOD = ["wonderful", "brilliant", "moving", "delightful", "superb", "charming", "gripping", "beautiful", "clever",
@@ -930,116 +1263,6 @@ def fit(model, examples: list[dict], steps: int, lr: float, batch_size: int = 32
     model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    validate(args)
-    # The first PartialState fixes the process group; on a machine without GPUs it must be told to use the CPU, or
-    # processes started by `accelerate launch`/torchrun would each train alone.
-    PartialState(cpu=not on_gpu(args))
-    if args.preset == "tiny":
-        with PartialState().main_process_first():  # with several processes, one builds and the others reuse
-            build_tiny_assets(args.tiny_assets_dir, seed=0)
-    checkpoint = resolve_checkpoint(args)
-    set_seed(args.seed)
-    prepare_tracking(args)
-    stop = StopRequest()
-    stop.install()
-    try:
-        return train_and_evaluate(args, checkpoint, stop)
-    finally:
-        stop.uninstall()
-
-
-def train_and_evaluate(args: Args, checkpoint: Optional[str], stop: StopRequest) -> dict:
-    started = time.time()
-    say = PartialState().print  # progress lines from the main process only
-    tokenizer = load_policy_tokenizer(args)
-    with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
-        train_prompts, eval_prompts = load_prompts(args, tokenizer)
-    policy, ref_policy, value_model = load_policy_models(args, tokenizer)
-    reward = load_reward_model(args, tokenizer)
-    say(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held-out prompts")
-
-    config = build_ppo_config(args, eval_size=len(eval_prompts))
-    if bf16_autocast(args):
-        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # read by the Accelerator that TRL's trainer builds
-    train_ids = train_prompts.select_columns(["input_ids"])
-    trainer = SentimentPPOTrainer(
-        args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy, reward_model=reward,
-        value_model=value_model, train_dataset=train_ids,
-        eval_dataset=eval_prompts.select_columns(["input_ids"]), free_memory_each_update=args.free_memory_each_update,
-        static_cache_generation=args.static_cache_generation)
-    if args.sample_every > 0:
-        trainer.sample_generations_freq = args.sample_every  # TRL spreads a fixed count; we want every N updates
-    total_updates = config.num_total_batches
-
-    ratio_queries = tokenizer.pad({"input_ids": list(eval_prompts["input_ids"])[: args.batch_size]},
-                                  return_tensors="pt")["input_ids"]
-    ratio_error = trainer.policy_ratio_error(ratio_queries)
-    say("Scoring the reference policy on the held-out prompts ...")
-    reference_result = evaluate(ref_policy, ref_policy, reward, tokenizer, eval_prompts, args)
-    reward.pop_recent_rewards()
-
-    checkpoints = Checkpoints(trainer, args, stop)  # registers the schedule with accelerate's save/load_state
-    done = 0  # updates already trained, by the run this one resumes
-    if checkpoint:
-        trainer.accelerator.load_state(checkpoint)  # weights, optimizer, schedule and every RNG
-        with open(os.path.join(checkpoint, "counters.json")) as handle:
-            checkpoints.resumed = json.load(handle)
-        done = checkpoints.resumed["global_step"]
-        config.num_total_batches = total_updates - done  # TRL's loop runs this many updates
-    trainer.add_callback(checkpoints)
-    trainer.dataloader = trainer.timed(ResumableBatches(
-        train_ids, config.local_batch_size, DataCollatorWithPadding(tokenizer), args.seed,
-        trainer.accelerator.process_index, trainer.accelerator.num_processes, first_update=done))
-    if stop.signal_name:
-        fail(f"Stopped by {stop.signal_name} before training began: nothing to save.")
-    say(f"Training: {total_updates} PPO updates of {args.batch_size} prompts per process on "
-        f"{trainer.accelerator.num_processes} x {trainer.accelerator.device}"
-        + (f", resuming after update {done} from {checkpoint}" if checkpoint else ""))
-    train_started = time.time()
-    try:
-        trainer.train()
-    except Stopped as stopped:
-        print(f"\nStopped by {stop.signal_name} after update {trainer.state.global_step} of {total_updates}; "
-              f"checkpoint saved in {stopped}.\nResume with:\n  {resume_command(str(stopped))}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(stop.exit_code)
-    train_seconds = time.time() - train_started
-    updates_run = total_updates - done
-    save_outputs(trainer, tokenizer, args)  # before evaluation: nothing trained is lost if it fails
-
-    trained_policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    trained_result = evaluate(trained_policy, ref_policy, reward, tokenizer, eval_prompts, args)
-    result = {"reference": reference_result, "trained": trained_result, "args": asdict(args),
-              "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
-              "updates": total_updates, "updates_this_run": updates_run,
-              "seconds_per_update": round(train_seconds / max(updates_run, 1), 4),
-              "samples_per_second": round(updates_run * config.batch_size / train_seconds, 2),
-              **trainer.steady_phase_seconds(), "policy_ratio_error": round(ratio_error, 6),
-              "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-              if torch.cuda.is_available() else None}
-    if trainer.accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "eval.json"), "w") as handle:
-            json.dump(result, handle, indent=2)
-        wandb_run = None
-        if args.report_to == "wandb":
-            import wandb
-
-            wandb_run = wandb.run
-        report(reference_result, trained_result, wandb_run)
-        print(f"Saved the policy, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
-    return result
-
-
-def set_seed(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
+# %% Run: from the command line, or "Run all" in a notebook (which uses the constants as edited in Args)
 if __name__ == "__main__":
-    main()
+    main(parse_args())

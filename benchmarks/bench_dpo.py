@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 
@@ -69,6 +70,7 @@ def build_shape_faithful_model(directory: str, num_layers: int, device: str, pai
 def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_llama2_stackexchange.py") -> dict:
     """Run `script` once with the given flags; record and return the row."""
     output_dir = os.path.join(work, name)
+    shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none", "--eval_steps",
                "0", "--save_steps", "0", "--logging_steps", "1"]
     if args.arch == "tiny":

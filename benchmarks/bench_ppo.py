@@ -22,6 +22,7 @@ figures are means over the updates after the first (warm-up).
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -60,6 +61,7 @@ TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches",
 def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py") -> dict:
     """Run `script` once with `batch_size` prompts per update and the given flags; record and return the row."""
     output_dir = os.path.join(work, name)
+    shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
                "--sample_every", "0", "--save_steps", "0", "--batch_size", str(batch_size)]
     if args.arch == "tiny":

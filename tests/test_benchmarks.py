@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import common  # noqa: E402

@@ -1,8 +1,8 @@
-"""DPO script: pairs and filtering, the prompt boundary, 4-bit + LoRA, the reference, a tiny run, and learning."""
+"""DPO script: pairs and filtering, the prompt boundary, 4-bit + LoRA, the reference, tiny runs, learning, resume."""
 import json
+import math
 import os
-import subprocess
-import sys
+import shutil
 
 import bitsandbytes
 import pytest
@@ -13,13 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOTrainer
 
 import dpo_llama2_stackexchange as dpo
-from conftest import REPO, run_then_sigterm, stops_with
+from helpers import (DPO_SCRIPT, accelerate_launch, right_tool_share, run_cli, run_then_signal, run_tiny,
+                     stops_with, tiny_argv)
 
 LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def tiny_args(assets, tmp_path, *extra):
-    return dpo.parse_args(["--preset", "tiny", "--tiny_assets_dir", assets, "--output_dir", str(tmp_path), *extra])
+    return dpo.parse_args(tiny_argv(assets, tmp_path, *extra))
 
 
 def write_pairs(directory, rows, data_dir="data/rl"):
@@ -30,11 +31,16 @@ def write_pairs(directory, rows, data_dir="data/rl"):
     return str(directory)
 
 
-# ---------------------------------------------------------------------------------------------- arguments
+def raw_pairs(assets, data_dir="data/evaluation"):
+    return [json.loads(line) for line in open(os.path.join(assets, "stack-exchange-paired", data_dir, "train.jsonl"))]
+
+
+# ---------------------------------------------------------------------------------------------- settings
 def test_defaults_follow_the_recipe_and_reach_the_trainer(tmp_path):
     args = dpo.parse_args([])
     assert (args.model_name_or_path, args.beta, args.learning_rate) == ("meta-llama/Llama-2-7b-hf", 0.1, 5e-4)
     assert (args.max_length, args.max_prompt_length, args.optim) == (1024, 512, "paged_adamw_32bit")
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
     # The anchor declared a weight decay and never passed it, and read an undefined num_proc.
     config = dpo.build_dpo_config(dpo.parse_args(["--device", "cpu", "--optim", "adamw_torch",
                                                   "--weight_decay", "0.07", "--dataset_num_proc", "2",
@@ -57,7 +63,7 @@ def test_pairs_map_to_the_recipe_text_with_the_prompt_a_true_token_prefix(dpo_as
     naive = tokenizer(naive_prompt)["input_ids"]
     assert tokenizer(naive_prompt + good)["input_ids"][: len(naive)] != naive  # the trap is real here
 
-    pairs = dpo.load_pairs(args, tokenizer, args.train_data_dir, None)
+    pairs = dpo.load_pairs(args, tokenizer, args.train_data_dir, None, "train_data_dir")
     for row in pairs.select(range(50)):
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
         assert tokenizer(row["prompt"] + row["chosen"])["input_ids"][: len(prompt_ids)] == prompt_ids
@@ -80,11 +86,11 @@ def test_pairs_are_filtered_by_tokens_not_characters_with_parallel_map(dpo_asset
     args = tiny_args(dpo_assets, tmp_path, "--dataset_name", directory, "--dataset_num_proc", "2")
     tokenizer = dpo.load_tokenizer(args)
     assert len(tokenizer(dpo.make_pair(short_in_chars, "", "")["prompt"])["input_ids"]) > args.max_prompt_length
-    kept = dpo.load_pairs(args, tokenizer, "data/rl", None)
+    kept = dpo.load_pairs(args, tokenizer, "data/rl", None, "train_data_dir")
     assert list(kept["prompt"]) == [dpo.make_pair(long_in_chars, "", "")["prompt"]]
 
     args = tiny_args(dpo_assets, tmp_path)
-    pairs = dpo.load_pairs(args, tokenizer, args.train_data_dir, None)
+    pairs = dpo.load_pairs(args, tokenizer, args.train_data_dir, None, "train_data_dir")
     assert 0 < len(pairs) < 600  # the tiny set has a few overlong questions
     for row in pairs:
         assert len(tokenizer(row["prompt"])["input_ids"]) <= args.max_prompt_length
@@ -92,14 +98,43 @@ def test_pairs_are_filtered_by_tokens_not_characters_with_parallel_map(dpo_asset
         assert longest + 1 <= args.max_length
 
 
-def test_missing_columns_and_empty_datasets_are_explained(dpo_assets, tmp_path):
+@pytest.mark.parametrize("data_dir, setting", [("data/rl", "train_data_dir"), ("data/evaluation", "eval_data_dir")])
+def test_pairs_that_cannot_teach_a_preference_are_dropped_with_a_count_per_reason(dpo_assets, tmp_path, capsys,
+                                                                                  data_dir, setting):
+    good = raw_pairs(dpo_assets, "data/rl")[:20]
+    broken = [{"question": None, "response_j": "a", "response_k": "b"},
+              {"question": "q", "response_j": None, "response_k": "b"},
+              {"question": "q", "response_j": "Use a set.", "response_k": "Use a set."},
+              {"question": "q", "response_j": "  ", "response_k": "b"},
+              {"question": "q", "response_j": "a", "response_k": ""}]
+    directory = write_pairs(tmp_path / "pairs", good + broken, data_dir)
+    args = tiny_args(dpo_assets, tmp_path, "--dataset_name", directory)
+    pairs = dpo.load_pairs(args, dpo.load_tokenizer(args), data_dir, None, setting)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"{data_dir}: kept {len(pairs)} of 25 pairs; dropped 2 with a missing question or answer, 2 with an " \
+           f"empty answer, 1 with identical answers" in line
+    assert len(pairs) == 20 - int(line.split(", ")[-1].split()[0])  # the rest: only the token limits
+
+
+def test_missing_columns_empty_datasets_and_missing_data_dirs_are_explained(dpo_assets, tmp_path):
     directory = write_pairs(tmp_path / "wrong", [{"question": "q", "answer": "a"}])
     args = tiny_args(dpo_assets, tmp_path, "--dataset_name", directory)
     tokenizer = dpo.load_tokenizer(args)
     stops_with(r"lacks the column\(s\) response_j, response_k \(it has: question, answer\).*--dataset_name",
-               dpo.load_pairs, args, tokenizer, "data/rl", None)
+               dpo.load_pairs, args, tokenizer, "data/rl", None, "train_data_dir")
     args = tiny_args(dpo_assets, tmp_path, "--max_prompt_length", "3")
-    stops_with(r"No pair .* fits --max_prompt_length 3", dpo.load_pairs, args, tokenizer, "data/rl", None)
+    stops_with(r"No usable pair .* fits --max_prompt_length 3", dpo.load_pairs, args, tokenizer, "data/rl", None,
+               "train_data_dir")
+    args = tiny_args(dpo_assets, tmp_path, "--eval_data_dir", "data/validation")
+    stops_with(r"data/validation doesn't contain any data files.*Check --dataset_name and --eval_data_dir",
+               dpo.load_pairs, args, tokenizer, args.eval_data_dir, 64, "eval_data_dir")
+
+
+def test_fewer_pairs_than_one_optimizer_step_are_refused_with_the_numbers(dpo_assets, tmp_path):
+    stops_with(r"Only 12 training pairs remain after filtering, fewer than one optimizer step takes "
+               r"\(--per_device_train_batch_size 16 x --gradient_accumulation_steps 1 x 1 process\(es\) = 16\)",
+               run_tiny, dpo, dpo_assets, tmp_path, "--max_train_samples", "12")
+    assert not os.path.exists(tmp_path / "eval.json")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -183,7 +218,7 @@ def test_lora_gradients_after_an_eval_pass_equal_those_of_a_fresh_load(dpo_asset
     fresh = lora_gradients(dpo.load_model(args), tokenizer)
     model = dpo.load_model(args)
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit))
-    pairs = dpo.load_pairs(args, tokenizer, args.eval_data_dir, 8)
+    pairs = dpo.load_pairs(args, tokenizer, args.eval_data_dir, 8, "eval_data_dir")
     dpo.evaluate(model, tokenizer, pairs, args)  # eval mode, no grad, and a generate: every trigger of the bug
     after_eval = lora_gradients(model, tokenizer)
     assert fresh.keys() == after_eval.keys() and len(fresh) == 4 * len(LLAMA_PROJECTIONS)
@@ -191,33 +226,35 @@ def test_lora_gradients_after_an_eval_pass_equal_those_of_a_fresh_load(dpo_asset
         torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-4, atol=1e-6)
 
 
-def test_reference_is_the_same_base_with_adapters_disabled(dpo_assets, tmp_path):
-    args = tiny_args(dpo_assets, tmp_path, "--eval_steps", "0")
-    tokenizer = dpo.load_tokenizer(args)
-    model = dpo.load_model(args)
-    ids = tokenizer(["Question: How do I sort a dictionary by value in ruby?\n\nAnswer:"], return_tensors="pt")
-    with torch.no_grad():
-        base_logits = model(**ids).logits
-    pairs = dpo.load_pairs(args, tokenizer, args.train_data_dir, 64)
-    trainer = DPOTrainer(model=model, ref_model=None, args=dpo.build_dpo_config(args), train_dataset=pairs,
-                         processing_class=tokenizer, peft_config=dpo.lora_config(args, model))
+def test_the_trainer_the_script_builds_uses_the_base_with_adapters_disabled_as_reference(dpo_assets, tmp_path,
+                                                                                        monkeypatch):
+    """The script's own trainer, caught as main() starts training: no second model, a peft model whose trained
+    adapters move the logits, and with them disabled, exactly the base's logits (a fresh load's)."""
+    built = []
+    real_train = dpo.QLoRADPOTrainer.train
+    monkeypatch.setattr(dpo.QLoRADPOTrainer, "train", lambda self, **kw: built.append(self) or real_train(self, **kw))
+    run_tiny(dpo, dpo_assets, tmp_path, "--max_steps", "5", "--eval_steps", "0", "--num_eval_generations", "0")
+    (trainer,) = built
     assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
+    args = tiny_args(dpo_assets, tmp_path / "fresh")
+    tokenizer = dpo.load_tokenizer(args)
+    ids = tokenizer(["Question: How do I sort a dictionary by value in ruby?\n\nAnswer:"], return_tensors="pt")
+    trainer.model.eval()
     with torch.no_grad():
-        for module in trainer.model.modules():  # move the adapters away from their zero start
-            if hasattr(module, "lora_B"):
-                for weight in module.lora_B.values():
-                    weight.weight.fill_(0.01)
-        trainer.model.eval()
-        assert not torch.allclose(trainer.model(**ids).logits, base_logits)
+        base_logits = dpo.load_model(args)(**ids).logits
+        assert not torch.allclose(trainer.model(**ids).logits, base_logits, atol=1e-4)  # the adapters learned
         with trainer.model.disable_adapter():
             torch.testing.assert_close(trainer.model(**ids).logits, base_logits)
 
 
-def test_gated_model_message_says_how_to_get_access():
-    message = dpo.explain_load_error(OSError("Cannot access gated repo for url ... 401 Client Error"),
-                                     "meta-llama/Llama-2-7b-hf", "model_name_or_path")
-    assert "license" in message and "HF_TOKEN" in message and "huggingface-cli login" in message
-    assert "--model_name_or_path" in message and "--preset tiny" in message
+def test_a_model_directory_without_tokenizer_files_is_explained_in_a_sentence(dpo_assets, tmp_path):
+    """transformers 5 fails there with "Couldn't instantiate the backend tokenizer from one of: ..." (a list, not a
+    sentence); the script says what is missing and what to do."""
+    bare = tmp_path / "bare_llama"
+    AutoModelForCausalLM.from_pretrained(os.path.join(dpo_assets, "llama")).save_pretrained(bare)
+    message = stops_with(rf"'{bare}' \(--model_name_or_path\) holds no tokenizer files .*save the model's tokenizer",
+                         run_tiny, dpo, dpo_assets, tmp_path / "out", "--model_name_or_path", bare)
+    assert "Couldn't instantiate" not in message
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -227,41 +264,61 @@ def test_gated_model_message_says_how_to_get_access():
     (["--optim", "paged_adamw_32bit"], r"--optim paged_adamw_32bit needs a CUDA GPU"),
     (["--beta", "0"], r"--beta must be positive"),
     (["--max_steps", "0"], r"--max_steps must be positive"),
+    (["--max_length", "4096"], r"--max_length \(4096\) exceeds the model's context of 128 tokens"),
+    (["--resume"], r"--resume: no checkpoint of this script in --output_dir"),
 ])
 def test_bad_settings_stop_before_training(dpo_assets, tmp_path, extra, expected):
-    stops_with(expected, dpo.main, ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir",
-                                    str(tmp_path), *extra])
+    stops_with(expected, run_tiny, dpo, dpo_assets, tmp_path, *extra)
     assert not os.path.exists(tmp_path / "eval.json")
 
 
+def test_more_bad_settings_stop_before_training(dpo_assets, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    stops_with(r"--output_dir .* is not writable", run_tiny, dpo, dpo_assets, blocker / "out")
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # as where it cannot be imported
+    stops_with(r"--load_in_4bit needs bitsandbytes, which cannot run here.*--load_in_4bit false", run_tiny, dpo,
+               dpo_assets, tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
-def test_tiny_run_saves_an_adapter_that_loads_back_and_generates(dpo_assets, tmp_path):
+@pytest.mark.slow
+def test_tiny_run_saves_an_adapter_that_reproduces_its_score_and_merges(dpo_assets, tmp_path):
+    """The adapter, loaded back on the base on its own, gives the trained accuracy and margin in eval.json (within
+    1e-4); the merged model gives the adapter's logits, which differ from the base's (the adapter learned)."""
     out = tmp_path / "run"
-    completed = subprocess.run(
-        [sys.executable, "dpo_llama2_stackexchange.py", "--preset", "tiny", "--output_dir", str(out),
-         "--tiny_assets_dir", dpo_assets, "--max_steps", "10", "--eval_steps", "5", "--merge_full_model", "true"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    completed = run_cli(DPO_SCRIPT, tiny_argv(dpo_assets, out, "--max_steps", "20", "--eval_steps", "10",
+                                              "--merge_full_model", "true", "--max_eval_samples", "16"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Held-out preference evaluation" in completed.stdout
     result = json.loads((out / "eval.json").read_text())
-    for name in ("base", "trained"):
-        assert 0.0 <= result[name]["accuracy"] <= 1.0 and isinstance(result[name]["margin"], float)
-        assert len(result[name]["generations"]) == 3
-    assert result["steps"] == 10 and result["seconds_per_step"] > 0
-    base = AutoModelForCausalLM.from_pretrained(os.path.join(dpo_assets, "llama"))
-    model = PeftModel.from_pretrained(base, out)
+    assert result["steps"] == 20 and len(result["trained"]["generations"]) == 3
+    assert abs(result["train_log"][0]["loss"] - math.log(2)) < 0.02  # logged at step 10: still near ln 2
+    args = tiny_args(dpo_assets, tmp_path / "check", "--max_eval_samples", "16")
     tokenizer = AutoTokenizer.from_pretrained(out)
+    pairs = dpo.load_pairs(args, tokenizer, args.eval_data_dir, args.max_eval_samples, "eval_data_dir")
+    quantized = PeftModel.from_pretrained(dpo.load_model(args), out).eval()  # the 4-bit base it was trained on
+    again, _ = dpo.evaluate(quantized, tokenizer, pairs, args)
+    assert again["accuracy"] == pytest.approx(result["trained"]["accuracy"], abs=1e-4)
+    assert again["margin"] == pytest.approx(result["trained"]["margin"], abs=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(dpo_assets, "llama"))  # unquantised, as merged
     batch = tokenizer(["Question: How do I merge two lists in go?\n\nAnswer:"], return_tensors="pt")
-    generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    assert generated.shape[1] > batch["input_ids"].shape[1]
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, rtol=1e-3, atol=1e-3)
+        base_logits = base(**batch).logits
+        adapter_logits = PeftModel.from_pretrained(base, out).eval()(**batch).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(out / "merged")(**batch).logits
+    assert (adapter_logits - base_logits).abs().max() > 1e-2
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_path, monkeypatch):
-    """Margin: held-out preference accuracy rises by at least 0.25 over the base's (measured on 2 CPU cores with
-    the tiny preset: seed 0 0.500 -> 0.950, seed 1 0.466 -> 0.948), and only one base model is ever loaded."""
+    """Through the script's evaluation: held-out accuracy rises by at least 0.25 and DPO's implicit reward margin
+    exceeds 0.5. Without it: (a) scored from the raw dataset columns, response_j gains over response_k against the
+    base by more than 1 nat per pair on average, and (b) greedy answers name the tool the preference set prefers
+    for the question's task more often than the base's do (by at least 0.1; chance is 0.1). Measured on 2 CPU
+    cores: seed 0 accuracy 0.500 -> 0.983, right tool 0.10 -> 0.32; seed 1 0.466 -> 0.983, 0.14 -> 0.36. Only one
+    base model is ever loaded."""
     loads = []
     original = AutoModelForCausalLM.from_pretrained.__func__
 
@@ -270,16 +327,80 @@ def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting_from_pretrained))
+    held_out = raw_pairs(dpo_assets)[:40]
     for seed in (0, 1):
         loads.clear()
-        result = dpo.main(["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir",
-                           str(tmp_path / f"seed{seed}"), "--seed", str(seed)])
+        out = tmp_path / f"seed{seed}"
+        result = run_tiny(dpo, dpo_assets, out, "--seed", seed, "--num_eval_generations", "60")
         base, trained = result["base"], result["trained"]
-        print(f"seed {seed}: base accuracy {base['accuracy']:.3f} -> trained {trained['accuracy']:.3f}, "
-              f"implicit reward margin {trained['implicit_reward_margin']:.3f}")
         assert len(loads) == 1, loads
-        assert trained["accuracy"] >= base["accuracy"] + 0.25
-        assert trained["implicit_reward_margin"] > 0.5 and trained["margin"] > base["margin"]
+        tool = {name: right_tool_share(r["generations"], dpo.TASKS) for name, r in (("base", base),
+                                                                                    ("trained", trained))}
+        gain = raw_column_gain(dpo_assets, out, held_out)
+        print(f"seed {seed}: accuracy {base['accuracy']:.3f} -> {trained['accuracy']:.3f}, right tool "
+              f"{tool['base']:.2f} -> {tool['trained']:.2f}, response_j gain {gain:.2f} nats")
+        assert trained["accuracy"] >= base["accuracy"] + 0.25 and trained["implicit_reward_margin"] > 0.5
+        assert gain > 1.0
+        assert tool["trained"] >= tool["base"] + 0.1
+
+
+def raw_column_gain(assets, adapter_dir, rows) -> float:
+    """Mean over held-out rows of [log p(response_j) - log p(response_k)] under base + adapter minus the same under
+    the base, each answer scored after "Question: {question}\\n\\nAnswer:" from the dataset's own columns."""
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(assets, "llama")).eval()
+
+    def score(model, prompt, answer):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = torch.tensor([tokenizer(prompt + answer)["input_ids"] + [tokenizer.eos_token_id]])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        return logps[len(prompt_ids) - 1 :].gather(-1, ids[0, len(prompt_ids) :, None]).sum().item()
+
+    def gaps(model):
+        return [score(model, f"Question: {r['question']}\n\nAnswer:", " " + r["response_j"])
+                - score(model, f"Question: {r['question']}\n\nAnswer:", " " + r["response_k"]) for r in rows]
+
+    before = gaps(base)
+    after = gaps(PeftModel.from_pretrained(base, adapter_dir).eval())
+    return sum(a - b for a, b in zip(after, before)) / len(rows)
+
+
+# ---------------------------------------------------------------------------------------------- nothing lost
+def test_a_finished_run_is_never_overwritten_silently(dpo_assets, tmp_path):
+    out = tmp_path / "run"
+    common = ["--max_steps", "4", "--eval_steps", "0", "--num_eval_generations", "0", "--max_eval_samples", "8"]
+    run_tiny(dpo, dpo_assets, out, *common, "--save_steps", "2")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    stops_with(r"holds a finished run .* Nothing was changed.*--overwrite_output_dir", run_tiny, dpo, dpo_assets, out,
+               *common)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert "adapter_model.safetensors" in before and "eval.json" in before
+    result = run_tiny(dpo, dpo_assets, out, *common, "--overwrite_output_dir", "--save_steps", "0")
+    assert result["steps"] == 4 and not list(out.glob("checkpoint-*"))
+
+
+def test_a_broken_checkpoint_is_named_and_a_crash_while_saving_leaves_none(dpo_assets, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    common = ["--max_steps", "4", "--eval_steps", "0", "--num_eval_generations", "0", "--max_eval_samples", "8"]
+    run_tiny(dpo, dpo_assets, out, *common, "--save_steps", "2")
+    adapter = out / "checkpoint-4" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-100])
+    stops_with(r"checkpoint-4' is incomplete or damaged: adapter_model.safetensors cannot be read \(ValueError: "
+               r"shorter than its header says \(truncated\)\).*--resume .*checkpoint-2", run_tiny, dpo, dpo_assets,
+               out, *common, "--resume")
+    real_save = dpo.DPOTrainer._save_rng_state
+
+    def crash(self, directory):
+        raise OSError("disk full")  # after the adapter and optimizer, before the RNG and the trainer state
+
+    monkeypatch.setattr(dpo.DPOTrainer, "_save_rng_state", crash)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(OSError):
+        run_tiny(dpo, dpo_assets, crashed, *common, "--save_steps", "2")
+    assert not list(crashed.glob("checkpoint-*")) and (crashed / ".saving" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(dpo.DPOTrainer, "_save_rng_state", real_save)
+    stops_with(r"--resume: no checkpoint of this script", run_tiny, dpo, dpo_assets, crashed, *common, "--resume")
 
 
 # ---------------------------------------------------------------------------------------------- resume, interrupts
@@ -291,19 +412,16 @@ def adapter_weights(directory):
 
 def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path):
     """Tolerance: adapter weights equal within 1e-5 (measured: bit-identical on CPU)."""
-    common = ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--max_steps", "20", "--save_steps", "10",
-              "--eval_steps", "0", "--num_eval_generations", "0", "--max_eval_samples", "16"]
+    common = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "0", "--num_eval_generations", "0",
+              "--max_eval_samples", "16"]
     straight = tmp_path / "straight"
-    dpo.main([*common, "--output_dir", str(straight)])
+    run_tiny(dpo, dpo_assets, straight, *common)
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
-
     crashed = tmp_path / "crashed"  # as if the machine died right after the step-10 checkpoint
-    import shutil
     shutil.copytree(straight / "checkpoint-10", crashed / "checkpoint-10")
-    result = dpo.main([*common, "--output_dir", str(crashed), "--resume"])
+    result = run_tiny(dpo, dpo_assets, crashed, *common, "--resume")
     assert result["steps"] == 20
-    state = json.loads((crashed / "checkpoint-20" / "trainer_state.json").read_text())
-    assert state["global_step"] == 20
+    assert json.loads((crashed / "checkpoint-20" / "trainer_state.json").read_text())["global_step"] == 20
     expected, resumed = adapter_weights(straight), adapter_weights(crashed)
     assert expected.keys() == resumed.keys()
     # TRL casts 4-bit models' adapters to bf16 and reloads checkpoints in fp32; both runs must train in fp32 here.
@@ -312,11 +430,11 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dp
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-5)
 
 
-def test_sigterm_saves_a_checkpoint_prints_how_to_resume_and_exits_non_zero(dpo_assets, tmp_path):
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_prints_how_to_resume_and_exits_143(dpo_assets, tmp_path):
     out = tmp_path / "run"
-    code, output = run_then_sigterm("dpo_llama2_stackexchange.py", [
-        "--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir", str(out), "--max_steps", "2000",
-        "--save_steps", "0", "--eval_steps", "0"])
+    code, output, _ = run_then_signal(DPO_SCRIPT, tiny_argv(dpo_assets, out, "--max_steps", "2000", "--save_steps",
+                                                            "0", "--eval_steps", "0"), "Training:")
     assert code == 143, output[-3000:]
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
@@ -326,61 +444,39 @@ def test_sigterm_saves_a_checkpoint_prints_how_to_resume_and_exits_non_zero(dpo_
     assert f"--resume {checkpoints[0]}" in output and "Traceback" not in output
 
 
-def test_wandb_without_credentials_falls_back_to_offline(no_wandb_credentials, capsys):
-    dpo.prepare_tracking(dpo.parse_args(["--report_to", "wandb"]))
-    assert os.environ["WANDB_MODE"] == "offline"
-    assert "offline" in capsys.readouterr().out
-
-
-def test_resume_without_a_checkpoint_is_explained(dpo_assets, tmp_path):
-    stops_with(r"--resume: no checkpoint-N directory in --output_dir", dpo.main,
-               ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--output_dir", str(tmp_path), "--resume"])
-
-
-def test_more_bad_settings_stop_before_training(dpo_assets, tmp_path, monkeypatch):
-    common = ["--preset", "tiny", "--tiny_assets_dir", dpo_assets]
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    stops_with(r"--output_dir .* is not writable", dpo.main, [*common, "--output_dir", str(blocker / "out")])
-    stops_with(r"--max_length \(4096\) exceeds the model's context of 128 tokens", dpo.main,
-               [*common, "--output_dir", str(tmp_path), "--max_length", "4096"])
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine where it cannot be imported
-    stops_with(r"--load_in_4bit needs bitsandbytes, which cannot run here.*--load_in_4bit false", dpo.main,
-               [*common, "--output_dir", str(tmp_path)])
-
-
-# ---------------------------------------------------------------------------------------------- two processes
-def test_two_processes_match_one_process_with_the_same_global_batch(dpo_assets, tmp_path):
-    """accelerate launch --num_processes 2 --cpu, 8 pairs per process, against one process with 16: same data per
-    step, gradients averaged, so the same result (LoRA dropout off so that both are deterministic). Files are
-    written once, by the main process."""
-    from conftest import accelerate_launch
-
-    common = ["--preset", "tiny", "--tiny_assets_dir", dpo_assets, "--max_steps", "30", "--eval_steps", "0",
-              "--lora_dropout", "0", "--num_eval_generations", "1", "--save_steps", "15"]
-    single = dpo.main([*common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "16"])
-    launched = accelerate_launch("dpo_llama2_stackexchange.py",
-                                 [*common, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "8"])
-    assert launched.returncode == 0, launched.stderr[-4000:]
-    assert launched.stdout.count("Held-out preference evaluation") == 1  # the report comes once
-    assert launched.stdout.count("Training: 30 DPO steps on 2 x cpu") == 1
-    double = json.loads((tmp_path / "two" / "eval.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
-    assert double["base"]["accuracy"] == single["base"]["accuracy"]
-    for key in ("accuracy", "implicit_reward_accuracy"):
-        assert abs(double["trained"][key] - single["trained"][key]) <= 0.02, (key, double["trained"], single["trained"])
-    assert double["trained"]["margin"] == pytest.approx(single["trained"]["margin"], rel=0.02)
-
-
-def test_wandb_offline_run_records_the_evaluation_and_closes_cleanly(dpo_assets, tmp_path):
-    completed = subprocess.run(
-        [sys.executable, os.path.join(REPO, "dpo_llama2_stackexchange.py"), "--preset", "tiny", "--tiny_assets_dir",
-         dpo_assets, "--output_dir", str(tmp_path / "run"), "--report_to", "wandb", "--max_steps", "10",
-         "--eval_steps", "5"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+# ---------------------------------------------------------------------------------------------- trackers
+@pytest.mark.slow
+def test_wandb_offline_run_records_the_evaluation_in_its_project_and_closes_cleanly(dpo_assets, tmp_path):
+    completed = run_cli(DPO_SCRIPT, [*tiny_argv(dpo_assets, tmp_path / "run", "--max_steps", "10", "--eval_steps",
+                                                "5"), "--report_to", "wandb", "--wandb_project", "tiny-dpo-project"],
+                        cwd=str(tmp_path), WANDB_MODE="offline")
     assert completed.returncode == 0, completed.stderr[-3000:]
     output = completed.stdout + completed.stderr
     assert "eval_rewards/accuracies" in output and "rewards/margins" in output
     run = next((tmp_path / "wandb").glob("offline-run-*"))
     assert [p.name.split("_")[0] for p in (run / "files" / "media" / "table").rglob("*.table.json")] == ["generations"]
     assert "ERROR" not in (run / "logs" / "debug.log").read_text()
+    assert b"tiny-dpo-project" in next(run.glob("run-*.wandb")).read_bytes()  # the run's project
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+@pytest.mark.slow
+def test_two_processes_match_one_process_step_by_step(dpo_assets, tmp_path):
+    """accelerate launch --num_processes 2, 8 pairs per process, against one process with 16: the same data per
+    step and averaged gradients, so the same loss and gradient norm at every step (within 1e-3 relative; LoRA
+    dropout off so that both are deterministic) and the same held-out accuracy. eval.json comes from process 0."""
+    common = ["--max_steps", "30", "--eval_steps", "0", "--lora_dropout", "0", "--num_eval_generations", "1",
+              "--save_steps", "15", "--logging_steps", "1"]
+    single = run_tiny(dpo, dpo_assets, tmp_path / "one", *common, "--per_device_train_batch_size", "16")
+    launched = accelerate_launch(DPO_SCRIPT, tiny_argv(dpo_assets, tmp_path / "two", *common,
+                                                       "--per_device_train_batch_size", "8"))
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert launched.stdout.count("Training: 30 DPO steps on 2 x cpu") == 1
+    double = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert double["written_by_process"] == 0
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
+    assert [e["step"] for e in double["train_log"]] == [e["step"] for e in single["train_log"]] == list(range(1, 31))
+    for key in ("loss", "grad_norm"):
+        assert [e[key] for e in double["train_log"]] == pytest.approx([e[key] for e in single["train_log"]], rel=1e-3)
+    assert double["base"]["accuracy"] == single["base"]["accuracy"]
+    assert abs(double["trained"]["accuracy"] - single["trained"]["accuracy"]) <= 0.02

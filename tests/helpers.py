@@ -1,0 +1,105 @@
+"""Helpers shared by the tests: run a script's tiny preset (in this process or as a command), send it signals, launch
+two processes, and read what the tiny builders make visible."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PPO_SCRIPT, DPO_SCRIPT = "ppo_gpt2_imdb.py", "dpo_llama2_stackexchange.py"
+
+
+def tiny_argv(assets: str, output_dir, *extra) -> list:
+    """The tiny preset on already built assets, without a tracker (tests that need one pass --report_to)."""
+    return ["--preset", "tiny", "--tiny_assets_dir", str(assets), "--output_dir", str(output_dir), "--report_to",
+            "none", *map(str, extra)]
+
+
+def run_tiny(module, assets: str, output_dir, *extra) -> dict:
+    """The script's main() in this process on the tiny preset; returns what eval.json holds."""
+    return module.main(module.parse_args(tiny_argv(assets, output_dir, *extra)))
+
+
+def stops_with(pattern: str, call, *args) -> str:
+    """`call(*args)` must stop with a SystemExit whose paragraph (whitespace folded) matches `pattern`."""
+    with pytest.raises(SystemExit) as stopped:
+        call(*args)
+    message = " ".join(str(stopped.value).split())
+    assert re.search(pattern, message), message
+    return str(stopped.value)
+
+
+def child_env(**extra) -> dict:
+    """This process's environment (same thread count, so the same floating-point results), unbuffered output."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_cli(script: str, argv: list, timeout: int = 600, cwd: str = REPO, **env) -> subprocess.CompletedProcess:
+    """`python script argv` as a user runs it; stdout and stderr kept apart."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, argv)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=child_env(**env))
+
+
+def run_then_signal(script: str, argv: list, after_line: str, delay: float = 2.0, sig=signal.SIGTERM,
+                    again_after: float = None, timeout: float = 300, cwd: str = REPO):
+    """Start `python script argv`, send `sig` `delay` seconds after a line starting with `after_line` appears (and
+    once more `again_after` seconds later, if given); return (exit code, everything printed, seconds from the first
+    signal to the exit). Unbuffered output, a deadline on everything, and the child is always reaped."""
+    child = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, argv)], cwd=cwd,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+    deadline, lines, signalled = time.monotonic() + timeout, [], None
+    try:
+        for line in child.stdout:  # the child's output is unbuffered: lines arrive as printed
+            lines.append(line)
+            if signalled is None and line.startswith(after_line):
+                time.sleep(delay)
+                child.send_signal(sig)
+                signalled = time.monotonic()
+                if again_after is not None:
+                    time.sleep(again_after)
+                    child.send_signal(sig)
+                break
+            if time.monotonic() > deadline:
+                break
+        remaining = max(1.0, deadline - time.monotonic())
+        output, _ = child.communicate(timeout=remaining)
+        code = child.returncode
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return code, "".join(lines) + (output or ""), (time.monotonic() - signalled) if signalled else None
+
+
+def accelerate_launch(script: str, argv: list, processes: int = 2, timeout: int = 900):
+    """`accelerate launch --multi_gpu --num_processes N script argv` from the repo root, on a free port. On a machine
+    without GPUs this starts N CPU processes joined over gloo (accelerate 1.15's `--cpu` flag starts only one
+    process: its multi-CPU launcher needs mpirun)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), script, *map(str, argv)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=child_env(OMP_NUM_THREADS="1"))  # two processes on the machine's cores
+
+
+def sentiment_words(samples: list, words: list) -> int:
+    """How often any of `words` (the tiny review builder's GOOD or BAD adjectives) occurs in the responses."""
+    pattern = re.compile(r"\b(" + "|".join(words) + r")\b")
+    return sum(len(pattern.findall(sample["response"].lower())) for sample in samples)
+
+
+def right_tool_share(generations: list, tasks: dict) -> float:
+    """Share of generated answers that name the tool the tiny preference set prefers for the question's task."""
+    hits = 0
+    for generation in generations:
+        task = next(task for task in tasks if f"How do I {task} " in generation["prompt"])
+        hits += tasks[task] in generation["answer"]
+    return hits / len(generations)

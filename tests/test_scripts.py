@@ -1,0 +1,152 @@
+"""What both scripts share: the plumbing appendix (identical text), --help, the command line's errors, YAML files,
+the resume command, gated and unreachable hubs, and running as a notebook."""
+import json
+import os
+import re
+import sys
+import time
+
+import pytest
+
+import dpo_llama2_stackexchange as dpo
+import ppo_gpt2_imdb as ppo
+from helpers import DPO_SCRIPT, PPO_SCRIPT, REPO, run_cli, tiny_argv
+
+SCRIPTS = [(PPO_SCRIPT, ppo), (DPO_SCRIPT, dpo)]
+
+
+def shared_plumbing(script: str) -> str:
+    text = open(os.path.join(REPO, script)).read()
+    return text[text.index("# <shared plumbing>") : text.index("# </shared plumbing>")]
+
+
+def test_the_shared_plumbing_appendix_is_the_same_text_in_both_scripts():
+    ppo_text, dpo_text = shared_plumbing(PPO_SCRIPT), shared_plumbing(DPO_SCRIPT)
+    assert len(ppo_text.splitlines()) > 300
+    assert ppo_text == dpo_text
+
+
+def test_each_script_reads_as_a_recipe_first_with_numbered_cells():
+    """Percent-format cells: settings, stages 1-6, then the appendices, the recipe above the first one."""
+    for script, _ in SCRIPTS:
+        cells = [line for line in open(os.path.join(REPO, script)) if line.startswith("# %%")]
+        titles = [line[5:].split(":")[0].strip() for line in cells]
+        assert titles[:3] == ["Imports (each appendix imports what only it needs)", "Settings", "1. Data"], titles
+        assert [t[:2] for t in titles[3:8]] == ["2.", "3.", "4.", "5.", "6."]
+        assert [t.split()[0] + " " + t.split()[1] for t in titles[8:12]] == [
+            "Appendix A", "Appendix B", "Appendix C", "Appendix D"] and titles[12].startswith("Run")
+
+
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_help_lists_config_and_says_what_each_boolean_flag_does(script, module):
+    completed = run_cli(script, ["--help"])
+    assert completed.returncode == 0
+    assert completed.stdout.startswith("usage: ") and completed.stderr == ""  # no library notice before it
+    text = " ".join(completed.stdout.split())
+    assert "--config FILE.yaml YAML file of settings" in text
+    assert re.search(r"--tf32 \[TF32\] on an Ampere or newer GPU", text)
+    assert re.search(r"--no_tf32, --no-tf32 turn --tf32 off --", text)  # no "(default: False)" to misread
+    for name, spec in module.Args.__dataclass_fields__.items():  # every setting is listed with its help
+        assert f"--{name}" in text and spec.metadata["help"][:30] in text, name
+
+
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_a_bad_setting_on_the_command_line_exits_1_with_one_paragraph_and_no_traceback(script, module, tmp_path):
+    completed = run_cli(script, ["--output_dir", str(tmp_path), "--learning_rate", "-1", "--device", "cpu"])
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr and completed.stderr.strip().startswith("error: --learning_rate")
+    assert completed.stderr.strip().count("\n\n") == 0
+
+
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_an_unknown_yaml_setting_is_named_with_the_closest_known_one(script, module, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learnig_rate: 0.1\nseed: 3\n")
+    completed = run_cli(script, ["--config", config, "--output_dir", str(tmp_path)])
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert "--config: unknown setting 'learnig_rate' (did you mean learning_rate?) in the YAML file" in \
+        " ".join(completed.stderr.split())
+
+
+def test_the_resume_command_drops_every_form_of_resume_and_overwrite():
+    for argv in (["--seed", "1", "--resume", "out/checkpoint-50", "--output_dir", "out"],
+                 ["--seed", "1", "--resume=out/checkpoint-50", "--output_dir", "out"],
+                 ["--seed", "1", "--resume", "--output_dir", "out", "--overwrite_output_dir"],
+                 ["--seed", "1", "--overwrite_output_dir", "true", "--output_dir", "out", "--resume"]):
+        command = ppo.resume_command("out/checkpoint-100", argv)
+        assert command == "python ppo_gpt2_imdb.py --seed 1 --output_dir out --resume out/checkpoint-100", argv
+    assert dpo.resume_command("my dir/checkpoint-3", ["--output_dir", "my dir"]) == \
+        "python dpo_llama2_stackexchange.py --output_dir 'my dir' --resume 'my dir/checkpoint-3'"
+
+
+def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_path():
+    from huggingface_hub.errors import GatedRepoError
+
+    error = GatedRepoError.__new__(GatedRepoError)  # as the hub client raises it (its response left out)
+    Exception.__init__(error, "Access to model meta-llama/Llama-2-7b-hf is restricted.")
+    gated = ppo.explain_load_error(error, "meta-llama/Llama-2-7b-hf", "model_name_or_path")
+    assert "gated" in gated and "license" in gated and "HF_TOKEN" in gated and "huggingface-cli login" in gated
+    http = ppo.explain_load_error(OSError("401 Client Error: Unauthorized for url"), "x/y", "model_name_or_path")
+    assert "gated" in http
+    local = ppo.explain_load_error(OSError("Error no file named model.safetensors found in directory "
+                                           "outputs/run/checkpoint-401."), "outputs/run/checkpoint-401",
+                                   "model_name_or_path")
+    assert "gated" not in local and "no file named model.safetensors" in local
+
+
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_an_unreachable_hub_is_said_once_and_fails_fast(script, module, tmp_path):
+    """Without a connection each hub load used to retry for about 20 seconds (45 s of retry lines before the PPO
+    script's message). Now one line says the hub cannot be reached and the local cache fails at once."""
+    argv = ["--output_dir", str(tmp_path), "--device", "cpu", "--report_to", "none"]
+    started = time.monotonic()
+    completed = run_cli(script, argv + (["--optim", "adamw_torch"] if script == DPO_SCRIPT else []),
+                        HF_ENDPOINT="https://hub.invalid", HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0")
+    seconds = time.monotonic() - started
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 1 and "Traceback" not in output and "Retry" not in output
+    assert output.count("The Hugging Face Hub (hub.invalid) cannot be reached: loading from the local cache") == 1
+    assert "the Hugging Face Hub cannot be reached and it is not in the local cache" in " ".join(output.split())
+    assert seconds < 60
+
+
+def notebook_from(script: str, tmp_path, **constants):
+    """The script converted with jupytext, after editing constants in Args as a notebook user would."""
+    import jupytext
+
+    text = open(os.path.join(REPO, script)).read()
+    for name, value in constants.items():
+        text, count = re.subn(rf"(\n    {name}: [^=]+= arg\()([^,]+|\"[^\"]*\")(,)", rf"\g<1>{value!r}\g<3>", text, 1)
+        assert count == 1, name
+    return jupytext.reads(text, fmt="py:percent")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, constants, replaced, check", [
+    (PPO_SCRIPT, dict(num_ppo_epochs=3, total_episodes=640), "total_episodes 640 -> 3072", "reward_mean"),
+    (DPO_SCRIPT, dict(lora_r=4, num_eval_generations=1, max_steps=100), "max_steps 100 -> 150", "accuracy"),
+])
+def test_run_all_in_a_jupyter_kernel_trains_with_the_constants_as_edited(script, constants, replaced, check,
+                                                                          tmp_path, ppo_assets, dpo_assets):
+    """jupytext turns the script into a notebook; nbclient runs every cell in a real ipykernel, whose own command
+    line is ignored. The constants edited in Args are used (preset, output dir, a PPO epoch count, a LoRA rank);
+    one the preset replaces is named in the preset line; eval.json is written, the table is printed, and the
+    trained model beats the reference (PPO: reward +1.0, DPO: accuracy +0.2)."""
+    from nbclient import NotebookClient
+
+    out = tmp_path / "out"
+    assets = ppo_assets if script == PPO_SCRIPT else dpo_assets
+    notebook = notebook_from(script, tmp_path, preset="tiny", tiny_assets_dir=str(assets), output_dir=str(out),
+                             report_to="none", **constants)
+    assert len(notebook.cells) >= 13
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": REPO}}).execute()
+    printed = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
+    assert f"preset tiny changes: " in printed and replaced in printed and "=== Held-out" in printed
+    result = json.loads((out / "eval.json").read_text())
+    first, last = ("reference", "trained") if script == PPO_SCRIPT else ("base", "trained")
+    assert result["args"]["output_dir"] == str(out) and result["args"]["report_to"] == "none"
+    for name, value in list(constants.items())[:-1]:  # the last one is the preset's to replace
+        assert result["args"][name] == value
+    margin = 1.0 if script == PPO_SCRIPT else 0.2
+    assert result[last][check] > result[first][check] + margin
