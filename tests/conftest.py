@@ -17,24 +17,32 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end, learning, two-process or notebook run (seconds to a minute)")
 
 
+def tiny_assets(module) -> str:
+    """The script's tiny assets, built by its own preset code into .cache/tiny_assets/ under a name that changes
+    whenever the preset appendix's text does: a later test session reuses them, a changed builder rebuilds."""
+    import hashlib
+
+    text = open(module.__file__).read()
+    digest = hashlib.sha256(text[text.index("# %% Appendix D") :].encode()).hexdigest()[:12]
+    directory = os.path.join(REPO, ".cache", "tiny_assets", f"{module.__name__}-{digest}")
+    module.build_tiny_assets(directory)  # skipped when already built
+    return directory
+
+
 @pytest.fixture(scope="session")
-def ppo_assets(tmp_path_factory):
+def ppo_assets():
     """Tiny GPT-2, DistilBERT classifier and review set, built by the script's own preset code."""
     import ppo_gpt2_imdb
 
-    directory = str(tmp_path_factory.mktemp("ppo_tiny_assets"))
-    ppo_gpt2_imdb.build_tiny_assets(directory)
-    return directory
+    return tiny_assets(ppo_gpt2_imdb)
 
 
 @pytest.fixture(scope="session")
-def dpo_assets(tmp_path_factory):
+def dpo_assets():
     """Tiny Llama, Llama-style tokenizer and preference set, built by the DPO script's own preset code."""
     import dpo_llama2_stackexchange
 
-    directory = str(tmp_path_factory.mktemp("dpo_tiny_assets"))
-    dpo_llama2_stackexchange.build_tiny_assets(directory)
-    return directory
+    return tiny_assets(dpo_llama2_stackexchange)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import pytest
 from helpers import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -21,6 +22,7 @@ def test_record_prints_one_json_line_and_appends_a_row(tmp_path, monkeypatch, ca
     assert len(rows) == 2 and "seconds_per_update=0.66" in rows[0] and "| dpo |" in rows[1]
 
 
+@pytest.mark.slow
 def test_run_script_measures_wall_time_and_peak_memory_of_the_child(tmp_path):
     script = tmp_path / "allocate.py"
     script.write_text("x = bytearray(300 * 2**20); import time; time.sleep(0.2)\n")
@@ -39,6 +41,7 @@ def run_benchmark(module_name: str, argv: list, tmp_path, monkeypatch, capsys) -
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_example_layout(
         ppo_assets, tmp_path, monkeypatch, capsys):
     """The baseline here is the script itself (copied): the point is the bookkeeping, not a speed-up."""
@@ -68,6 +71,7 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
     assert (tmp_path / "RESULTS.md").read_text().count("| ppo |") == 5
 
 
+@pytest.mark.slow
 def test_dpo_benchmark_times_steps_after_the_first_and_reads_the_first_loss(dpo_assets, tmp_path, monkeypatch,
                                                                             capsys):
     """The step timer sees every DPO step and the first logged loss, which is ln 2 at step 1 (policy = reference)."""
@@ -81,6 +85,7 @@ def test_dpo_benchmark_times_steps_after_the_first_and_reads_the_first_loss(dpo_
     assert "| dpo |" in (tmp_path / "RESULTS.md").read_text()
 
 
+@pytest.mark.slow
 def test_step_timer_records_one_interval_per_optimizer_step(dpo_assets, tmp_path):
     import subprocess
 

@@ -282,6 +282,7 @@ def test_ppo_learns_to_write_positive_reviews_across_seeds(ppo_assets, tmp_path)
         assert distinct >= 0.75  # not collapsed to a few responses
 
 
+@pytest.mark.slow
 def test_first_ppo_epoch_policy_ratio_stays_close_to_one(ppo_assets, tmp_path):
     """Rollout log-probabilities (from generation) against the PPO epoch's forward pass with the same weights. In
     fp32 they agree (measured 0.0 to 6 places on 2 CPU cores); under bf16 autocast (--bf16_autocast on a GPU, forced
@@ -316,6 +317,7 @@ def test_static_cache_generation_serves_rollouts_only(ppo_assets, tmp_path, monk
     assert result["trained"]["num_prompts"] == 8
 
 
+@pytest.mark.slow
 def test_trl_memory_freeing_is_skipped_unless_asked_for(ppo_assets, tmp_path, monkeypatch):
     """TRL's loop runs gc.collect() twice per update (measured: 0.22 s each on 2 CPU cores, two thirds of a tiny
     update); the script skips it, and TRL's CUDA cache emptying, unless --free_memory_each_update."""

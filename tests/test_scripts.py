@@ -37,6 +37,7 @@ def test_each_script_reads_as_a_recipe_first_with_numbered_cells():
             "Appendix A", "Appendix B", "Appendix C", "Appendix D"] and titles[12].startswith("Run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
 def test_help_lists_config_and_says_what_each_boolean_flag_does(script, module):
     completed = run_cli(script, ["--help"])
@@ -50,6 +51,7 @@ def test_help_lists_config_and_says_what_each_boolean_flag_does(script, module):
         assert f"--{name}" in text and spec.metadata["help"][:30] in text, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
 def test_a_bad_setting_on_the_command_line_exits_1_with_one_paragraph_and_no_traceback(script, module, tmp_path):
     completed = run_cli(script, ["--output_dir", str(tmp_path), "--learning_rate", "-1", "--device", "cpu"])
@@ -58,6 +60,7 @@ def test_a_bad_setting_on_the_command_line_exits_1_with_one_paragraph_and_no_tra
     assert completed.stderr.strip().count("\n\n") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
 def test_an_unknown_yaml_setting_is_named_with_the_closest_known_one(script, module, tmp_path):
     config = tmp_path / "run.yaml"
@@ -94,6 +97,7 @@ def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_pat
     assert "gated" not in local and "no file named model.safetensors" in local
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
 def test_an_unreachable_hub_is_said_once_and_fails_fast(script, module, tmp_path):
     """Without a connection each hub load used to retry for about 20 seconds (45 s of retry lines before the PPO
