@@ -267,10 +267,10 @@ def main(args: Args) -> dict:
     # 0. Before anything is loaded: refuse settings that cannot work, protect finished runs, seed, pick the tracker.
     validate(args)
     PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU where no GPU is used
-    check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
     if args.preset == "tiny":
         with PartialState().main_process_first():  # with several processes, one builds and the others reuse
             build_tiny_assets(args.tiny_assets_dir)
+    check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
     checkpoint = prepare_output_dir(args, checkpoint_marker="trainer_state.json")
     set_seed(args.seed)
     prepare_tracking(args)
@@ -1077,7 +1077,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
                                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
     sentencepiece_like.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *bytes_], initial_alphabet=["▁"]))
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *bytes_], initial_alphabet=["▁"], show_progress=False))
     sentencepiece_like.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", sentencepiece_like.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=sentencepiece_like, bos_token="<s>", eos_token="</s>",

@@ -258,11 +258,11 @@ def main(args: Args) -> dict:
     # 0. Before anything is loaded: refuse settings that cannot work, protect finished runs, seed, pick the tracker.
     validate(args)
     PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU where no GPU is used
-    check_hub_reachable(args, ["model_name_or_path", "value_model_name_or_path", "reward_model_name_or_path",
-                               "dataset_name"])
     if args.preset == "tiny":
         with PartialState().main_process_first():  # with several processes, one builds and the others reuse
             build_tiny_assets(args.tiny_assets_dir, seed=0)
+    check_hub_reachable(args, ["model_name_or_path", "value_model_name_or_path", "reward_model_name_or_path",
+                               "dataset_name"])
     checkpoint = prepare_output_dir(args, checkpoint_marker="counters.json")
     set_seed(args.seed)
     prepare_tracking(args)
@@ -1216,7 +1216,8 @@ def build_policy_tokenizer(texts: list[str]):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     bpe.add_special_tokens(["<|endoftext|>"])
     eos = "<|endoftext|>"
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, unk_token=eos)

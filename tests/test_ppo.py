@@ -195,6 +195,7 @@ def test_a_model_directory_without_a_fitting_tokenizer_is_explained(ppo_assets, 
     ("--gradient_accumulation_steps", "2", r"--num_mini_batches and --gradient_accumulation_steps cannot both"),
     ("--total_episodes", "0", r"--total_episodes must be positive"),
     ("--report_to", "mlflow", r"--report_to must be wandb, tensorboard or none"),
+    ("--batch_size", "10000", r"Only \d+ training prompts remain after filtering, fewer than one --batch_size \(10000\)"),
 ])
 def test_bad_settings_stop_with_one_paragraph(ppo_assets, tmp_path, setting, value, expected):
     message = stops_with(expected, run_tiny, ppo, ppo_assets, tmp_path, setting, value)
