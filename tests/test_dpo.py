@@ -281,6 +281,39 @@ def test_more_bad_settings_stop_before_training(dpo_assets, tmp_path, monkeypatc
                dpo_assets, tmp_path)
 
 
+def test_only_the_main_process_pushes_to_the_hub(tmp_path):
+    """The adapter and tokenizer are pushed once, by the main process (every process used to push)."""
+    from types import SimpleNamespace
+
+    pushed = []
+    for main_process in (True, False):
+        model = SimpleNamespace(push_to_hub=lambda repo: pushed.append(("model", repo)))
+        trainer = SimpleNamespace(model=model, save_model=lambda directory: None,
+                                  accelerator=SimpleNamespace(is_main_process=main_process,
+                                                              wait_for_everyone=lambda: None))
+        tokenizer = SimpleNamespace(save_pretrained=lambda directory: None,
+                                    push_to_hub=lambda repo: pushed.append(("tokenizer", repo)))
+        dpo.save_outputs(trainer, tokenizer, dpo.parse_args(["--output_dir", str(tmp_path / "run"),
+                                                             "--push_to_hub", "true"]))
+    assert pushed == [("model", "run"), ("tokenizer", "run")]
+
+
+def test_the_merged_model_is_bf16_only_where_the_gpu_has_bf16(tmp_path, monkeypatch):
+    asked = []
+
+    def loading(name, dtype):
+        asked.append(dtype)
+        raise InterruptedError  # stop before any weights are read
+
+    monkeypatch.setattr(dpo.AutoModelForCausalLM, "from_pretrained", loading)
+    monkeypatch.setattr(dpo, "on_gpu", lambda args: True)
+    for supported in (True, False):  # an A100 or H100, then a V100 or T4
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+        with pytest.raises(InterruptedError):
+            dpo.merge_full_model(dpo.parse_args(["--output_dir", str(tmp_path)]), tokenizer=None)
+    assert asked == [torch.bfloat16, torch.float32]
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_tiny_run_saves_an_adapter_that_reproduces_its_score_and_merges(dpo_assets, tmp_path):
