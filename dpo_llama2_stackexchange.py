@@ -266,16 +266,17 @@ def main(args: Args) -> dict:
     started = time.time()
     # 0. Before anything is loaded: refuse settings that cannot work, protect finished runs, seed, pick the tracker.
     validate(args)
-    PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU where no GPU is used
-    if args.preset == "tiny":
-        with PartialState().main_process_first():  # with several processes, one builds and the others reuse
-            build_tiny_assets(args.tiny_assets_dir)
-    check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
-    checkpoint = prepare_output_dir(args, checkpoint_marker="trainer_state.json")
-    set_seed(args.seed)
-    prepare_tracking(args)
-    say = PartialState().print  # progress lines from the main process only
-    with StopRequest() as stop:  # Ctrl-C or SIGTERM: see Appendix C
+    with StopRequest() as stop:  # Ctrl-C or SIGTERM, from here to the end: see Appendix C
+        PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU without a GPU
+        if args.preset == "tiny":
+            with PartialState().main_process_first():  # with several processes, one builds and the others reuse
+                build_tiny_assets(args.tiny_assets_dir)
+        check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
+        checkpoint = prepare_output_dir(args, checkpoint_marker="trainer_state.json")
+        set_seed(args.seed)
+        prepare_tracking(args)
+        say = PartialState().print  # progress lines from the main process only
+
         # 1. Data
         tokenizer = load_tokenizer(args)
         with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
@@ -300,9 +301,11 @@ def main(args: Args) -> dict:
         train_started = time.time()
         trainer.train(resume_from_checkpoint=checkpoint)
         train_seconds, steps = time.time() - train_started, trainer.state.global_step
-        if stop.signal_name:
-            stop.exit_after_checkpoint(f"after step {steps} of {args.max_steps}",
-                                       os.path.join(args.output_dir, f"checkpoint-{steps}"))
+        steps_this_run = steps - (read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
+                                  if checkpoint else 0)
+        stopped_at = os.path.join(args.output_dir, f"checkpoint-{steps}")
+        if stop.signal_name and os.path.isdir(stopped_at):  # else training had ended: the adapter is saved next
+            stop.exit_after_checkpoint(f"after step {steps} of {args.max_steps}", stopped_at)
         peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
         stop.enter("saving")
         save_outputs(trainer, tokenizer, args)
@@ -319,12 +322,14 @@ def main(args: Args) -> dict:
                      for entry in trainer.state.log_history if "loss" in entry]
         result = {"base": base_result, "trained": trained_result, "args": asdict(args),
                   "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
-                  "steps": steps, "seconds_per_step": round(train_seconds / max(steps, 1), 4),
+                  "steps": steps, "steps_this_run": steps_this_run,
+                  "seconds_per_step": round(train_seconds / max(steps_this_run, 1), 4),
                   "peak_gpu_memory_gib": peak_gib, "train_log": train_log,  # step 1's loss is ln 2 = 0.6931
-                  "train_tokens": trainer._total_train_tokens,  # non-pad tokens of chosen and rejected, all processes
+                  "train_tokens": trainer._total_train_tokens,  # non-pad tokens of chosen and rejected, this run
                   "written_by_process": PartialState().process_index}
         if PartialState().is_main_process:
             write_json(os.path.join(args.output_dir, "eval.json"), result)
+            stop.enter("reporting")
             report(base_result, trained_result, wandb_run_if_open(args))
             print(f"Saved the LoRA adapter, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
             if args.merge_full_model:
@@ -448,15 +453,15 @@ class QLoRADPOTrainer(DPOTrainer):
         """The Trainer's checkpoint, written into OUTPUT_DIR/.saving and renamed to checkpoint-N once complete."""
         name = f"checkpoint-{self.state.global_step}"
         staging = os.path.join(self.args.output_dir, ".saving")
-        self._get_output_dir = lambda trial=None: staging  # where the Trainer puts checkpoint-N
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            os.replace(os.path.join(staging, name), os.path.join(self.args.output_dir, name))
-        self.accelerator.wait_for_everyone()
+
+        def save():
+            self._get_output_dir = lambda trial=None: staging  # where the Trainer puts checkpoint-N
+            try:
+                super(QLoRADPOTrainer, self)._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
+
+        save_atomically(self.accelerator, os.path.join(staging, name), os.path.join(self.args.output_dir, name), save)
 
 
 class StopOnSignal(TrainerCallback):
@@ -466,7 +471,7 @@ class StopOnSignal(TrainerCallback):
         self.stop = stop
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.signal_name:
+        if self.stop.requested():
             control.should_save = True
             control.should_training_stop = True
 
@@ -605,7 +610,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     kernel the command line is the kernel's own: it is ignored, and the constants as edited in `Args` are used."""
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
-    argv = list(argv)
+    argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
@@ -640,16 +645,17 @@ def build_parser(defaults: dict) -> TrlParser:
 def parse_with_defaults(argv: list, defaults: dict) -> Args:
     try:
         (args,) = build_parser(defaults).parse_args_and_config(args=list(argv))
-    except ValueError as err:  # TRL's parser reports YAML problems as ValueError
+    except ValueError as err:  # TRL's and transformers' parsers report unknown settings as ValueError
         import difflib
 
         unknown = [token[2:] for token in str(err).split("[", 1)[-1].split("'") if token.startswith("--")]
         if not unknown:
             fail(f"--config: {err}")
+        where = "in the YAML file" if "config file" in str(err) else "on the command line"
         known = list(Args.__dataclass_fields__)
         hints = [f"'{name}'" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1))
                                 else "") for name in unknown]
-        fail(f"--config: unknown setting {', '.join(hints)} in the YAML file. Every setting is a field of Args "
+        fail(f"Unknown setting {', '.join(hints)} {where}. Every setting is a field of Args "
              f"(`python {SCRIPT} --help` lists them).")
     except OSError as err:
         fail(f"--config: cannot read the YAML file ({err.strerror}: {err.filename}).")
@@ -688,8 +694,8 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
     settings = f"--{setting}" + (f" and --{related}" if related else "")
     text = " ".join(f"{type(err).__name__}: {err}".split())
     if is_gated(err):
-        return (f"'{name}' (--{setting}) is a gated model and this machine has no access to it: accept its license "
-                f"on the model's hub page with your account, then give this machine your token "
+        return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
+                f"license on its hub page with your account, then give this machine your token "
                 f"(`huggingface-cli login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
                 f"directory. {offline_hint()}")
     offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
@@ -831,7 +837,6 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
 def check_checkpoint(checkpoint: str, marker: str):
     """Every file of a checkpoint complete and readable, before any model is loaded; else say which file is
     broken and what to do. Reads headers and archive directories, not whole tensors."""
-    import pickle
     import zipfile
 
     broken = None if os.path.exists(os.path.join(checkpoint, marker)) else f"{marker} is missing"
@@ -846,11 +851,8 @@ def check_checkpoint(checkpoint: str, marker: str):
                     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
                     if os.path.getsize(path) < 8 + header_size + end:
                         raise ValueError("shorter than its header says (truncated)")
-                elif name.endswith((".bin", ".pt", ".pth")) or (name.endswith(".pkl") and zipfile.is_zipfile(path)):
+                elif name.endswith((".bin", ".pt", ".pth", ".pkl")):
                     zipfile.ZipFile(path).close()  # torch.save writes a zip archive; its directory is at the end
-                elif name.endswith(".pkl"):
-                    with open(path, "rb") as handle:
-                        pickle.load(handle)
                 elif name.endswith(".json"):
                     with open(path) as handle:
                         json.load(handle)
@@ -869,11 +871,34 @@ def check_checkpoint(checkpoint: str, marker: str):
              f"{earlier_hint}start fresh with --overwrite_output_dir (without --resume).")
 
 
+def read_json(path: str) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def write_json(path: str, data: dict):
     """Write to a temporary file, then rename: a crash never leaves a half-written file under the real name."""
     with open(path + ".tmp", "w") as handle:
         json.dump(data, handle, indent=2)
     os.replace(path + ".tmp", path)
+
+
+def save_atomically(accelerator, staging: str, final: str, save):
+    """Write a checkpoint into `staging` with `save()`, then rename it to `final` once every process is done: a
+    crash while saving never leaves a checkpoint that looks complete. A staging folder left by an earlier crash, and
+    a checkpoint of the same name from before a run was continued from an earlier one, are replaced."""
+    import shutil
+
+    if accelerator.is_main_process and os.path.exists(staging):
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    save()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    accelerator.wait_for_everyone()
 
 
 class StopRequest:
@@ -884,7 +909,8 @@ class StopRequest:
     LEFT = {"setup": "Nothing was trained yet.",
             "training": "This step's checkpoint was not saved; earlier checkpoints are kept.",
             "saving": "The trained model may be partly written; the last checkpoint is kept.",
-            "evaluation": "The trained model is saved in --output_dir; the evaluation (eval.json) was not written."}
+            "evaluation": "The trained model is saved in --output_dir; the evaluation (eval.json) was not written.",
+            "reporting": "The trained model and eval.json are saved; what came after them may be incomplete."}
     FINISHING = {"training": "finishing the current step, then saving a checkpoint",
                  "saving": "finishing saving the trained model, then stopping"}
 
@@ -909,6 +935,18 @@ class StopRequest:
         self.signal_name = self.signal_name or name
         self.stop_now(f"\n{name}: stopped at once. {self.LEFT[self.phase]}")
 
+    def requested(self) -> bool:
+        """Whether any process was asked to stop. With several processes all must stop at the same step, and a
+        launcher signals them one by one: they agree here, once per step, on the highest signal number seen."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            number = getattr(signal, self.signal_name) if self.signal_name else 0
+            nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+            flag = torch.tensor([number], device=torch.cuda.current_device() if nccl else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not self.signal_name:
+                self.signal_name = signal.Signals(int(flag.item())).name  # another process's signal stops this one
+        return bool(self.signal_name)
+
     def enter(self, phase: str):
         """The run moves on to `phase`; a stop asked for while saving takes effect once the model is saved."""
         self.phase = phase
@@ -928,8 +966,9 @@ class StopRequest:
 
 
 def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
-    """The command line of this run, resuming from `checkpoint`: without its own --resume (bare, with a value or
-    --resume=PATH) and without --overwrite_output_dir, which would delete the checkpoints."""
+    """The command line of this run, resuming from `checkpoint`: launched the same way (as many processes), without
+    its own --resume (bare, with a value or --resume=PATH) and without --overwrite_output_dir, which would delete
+    the checkpoints."""
     import shlex
 
     argv, kept, skip = list(sys.argv[1:] if argv is None else argv), [], False
@@ -942,7 +981,9 @@ def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
             skip = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
             continue
         kept.append(token)
-    return shlex.join(["python", SCRIPT, *kept, "--resume", checkpoint])
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    launcher = ["accelerate", "launch", "--num_processes", str(processes)] if processes > 1 else ["python"]
+    return shlex.join([*launcher, SCRIPT, *kept, "--resume", checkpoint])
 
 
 def prepare_tracking(args):
@@ -997,8 +1038,8 @@ def on_gpu(args) -> bool:
 
 
 def tf32_setting(args) -> Optional[bool]:
-    """TrainingArguments' `tf32` (a process-wide matmul setting, so TRL's own Accelerator does not undo it): the
-    choice where the GPU has TF32, else None, PyTorch's default (asking for TF32 without it raises)."""
+    """TrainingArguments' `tf32` (a process-wide matmul setting, which reaches trainers that build their own
+    Accelerator): the choice where the GPU has TF32, else None, PyTorch's default (asking without TF32 raises)."""
     return args.tf32 if on_gpu(args) and is_torch_tf32_available() else None
 
 

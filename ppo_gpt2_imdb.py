@@ -173,9 +173,10 @@ def load_prompts(args: Args, tokenizer):
     eval_reviews = eval_reviews.shuffle(seed=args.seed).select(range(min(args.num_eval_prompts, len(eval_reviews))))
     train_prompts = make_prompts(train_reviews, tokenizer, args, seed=args.seed)
     eval_prompts = make_prompts(eval_reviews, tokenizer, args, seed=args.seed + 1)
-    if len(train_prompts) < args.batch_size:
+    processes = PartialState().num_processes
+    if len(train_prompts) < args.batch_size * processes:
         fail(f"Only {len(train_prompts)} training prompts remain after filtering, fewer than one --batch_size "
-             f"({args.batch_size}). Lower --batch_size or --min_review_chars.")
+             f"({args.batch_size}) for each of {processes} process(es). Lower --batch_size or --min_review_chars.")
     return train_prompts, eval_prompts
 
 
@@ -257,17 +258,18 @@ def main(args: Args) -> dict:
     started = time.time()
     # 0. Before anything is loaded: refuse settings that cannot work, protect finished runs, seed, pick the tracker.
     validate(args)
-    PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU where no GPU is used
-    if args.preset == "tiny":
-        with PartialState().main_process_first():  # with several processes, one builds and the others reuse
-            build_tiny_assets(args.tiny_assets_dir, seed=0)
-    check_hub_reachable(args, ["model_name_or_path", "value_model_name_or_path", "reward_model_name_or_path",
-                               "dataset_name"])
-    checkpoint = prepare_output_dir(args, checkpoint_marker="counters.json")
-    set_seed(args.seed)
-    prepare_tracking(args)
-    say = PartialState().print  # progress lines from the main process only
-    with StopRequest() as stop:  # Ctrl-C or SIGTERM: see Appendix C
+    with StopRequest() as stop:  # Ctrl-C or SIGTERM, from here to the end: see Appendix C
+        PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU without a GPU
+        if args.preset == "tiny":
+            with PartialState().main_process_first():  # with several processes, one builds and the others reuse
+                build_tiny_assets(args.tiny_assets_dir, seed=0)
+        check_hub_reachable(args, ["model_name_or_path", "value_model_name_or_path", "reward_model_name_or_path",
+                                   "dataset_name"])
+        checkpoint = prepare_output_dir(args, checkpoint_marker="counters.json")
+        set_seed(args.seed)
+        prepare_tracking(args)
+        say = PartialState().print  # progress lines from the main process only
+
         # 1. Data
         tokenizer = load_policy_tokenizer(args)
         with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
@@ -278,9 +280,7 @@ def main(args: Args) -> dict:
         policy, ref_policy, value_model = load_policy_models(args, tokenizer)
         reward = load_reward_model(args, tokenizer)
 
-        # 3. Trainer, set up for resume, interrupts and sample tables in its constructor (Appendix A)
-        if bf16_autocast(args):
-            os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # read by the Accelerator that TRL's trainer builds
+        # 3. Trainer, set up for resume, interrupts, sample tables and precision in its constructor (Appendix A)
         trainer = SentimentPPOTrainer(
             args=build_ppo_config(args, eval_size=len(eval_prompts)), processing_class=tokenizer, model=policy,
             ref_model=ref_policy, reward_model=reward, value_model=value_model,
@@ -322,6 +322,7 @@ def main(args: Args) -> dict:
                   if torch.cuda.is_available() else None, "written_by_process": PartialState().process_index}
         if PartialState().is_main_process:
             write_json(os.path.join(args.output_dir, "eval.json"), result)
+            stop.enter("reporting")
             report(reference_result, trained_result, wandb_run_if_open(args))
             print(f"Saved the policy, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
     return result
@@ -480,7 +481,15 @@ class SentimentPPOTrainer(PPOTrainer):
     each update's rollout and optimisation phases, and no per-update memory freeing unless asked for."""
 
     def __init__(self, *args, settings: Args, checkpoint: Optional[str], stop: "StopRequest", **kwargs):
-        super().__init__(*args, **kwargs)
+        # TRL builds its own Accelerator without a mixed precision; accelerate reads it from the environment then.
+        previous = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if bf16_autocast(settings):
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+        try:
+            super().__init__(*args, **kwargs)
+        finally:  # for this trainer only: a later run in the same process (a notebook) starts from the user's setting
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+            os.environ.update({"ACCELERATE_MIXED_PRECISION": previous} if previous is not None else {})
         self.settings = settings
         if settings.sample_every > 0:
             self.sample_generations_freq = settings.sample_every  # TRL spreads a fixed count; we want every N
@@ -489,8 +498,7 @@ class SentimentPPOTrainer(PPOTrainer):
         self.updates_done = 0  # by the run this one resumes
         if checkpoint:
             self.accelerator.load_state(checkpoint)  # weights, optimizer, schedule and every RNG
-            with open(os.path.join(checkpoint, "counters.json")) as handle:
-                self.checkpoints.resumed = json.load(handle)
+            self.checkpoints.resumed = read_json(os.path.join(checkpoint, "counters.json"))
             self.updates_done = self.checkpoints.resumed["global_step"]
             self.args.num_total_batches = self.total_updates - self.updates_done  # TRL's loop runs this many
         self.add_callback(self.checkpoints)
@@ -633,14 +641,14 @@ class Checkpoints(TrainerCallback):
         accelerator = self.trainer.accelerator
         directory = os.path.join(self.args.output_dir, f"checkpoint-{state.global_step}")
         staging = os.path.join(self.args.output_dir, f".saving-checkpoint-{state.global_step}")
-        accelerator.save_state(staging, safe_serialization=False)  # GPT-2 ties two weights
-        if accelerator.is_main_process:
-            write_json(os.path.join(staging, "counters.json"),
-                       {"global_step": state.global_step, "episode": state.episode})
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            os.replace(staging, directory)
-        accelerator.wait_for_everyone()
+
+        def save():
+            accelerator.save_state(staging, safe_serialization=False)  # GPT-2 ties two weights
+            if accelerator.is_main_process:
+                write_json(os.path.join(staging, "counters.json"),
+                           {"global_step": state.global_step, "episode": state.episode})
+
+        save_atomically(accelerator, staging, directory, save)
         return directory
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -650,7 +658,7 @@ class Checkpoints(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         periodic = self.args.save_steps > 0 and state.global_step % self.args.save_steps == 0
-        if periodic or self.stop.signal_name:
+        if self.stop.requested() or periodic:
             directory = self.save(state)
             if self.stop.signal_name:
                 raise Stopped(directory)
@@ -727,7 +735,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     kernel the command line is the kernel's own: it is ignored, and the constants as edited in `Args` are used."""
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
-    argv = list(argv)
+    argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
@@ -762,16 +770,17 @@ def build_parser(defaults: dict) -> TrlParser:
 def parse_with_defaults(argv: list, defaults: dict) -> Args:
     try:
         (args,) = build_parser(defaults).parse_args_and_config(args=list(argv))
-    except ValueError as err:  # TRL's parser reports YAML problems as ValueError
+    except ValueError as err:  # TRL's and transformers' parsers report unknown settings as ValueError
         import difflib
 
         unknown = [token[2:] for token in str(err).split("[", 1)[-1].split("'") if token.startswith("--")]
         if not unknown:
             fail(f"--config: {err}")
+        where = "in the YAML file" if "config file" in str(err) else "on the command line"
         known = list(Args.__dataclass_fields__)
         hints = [f"'{name}'" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1))
                                 else "") for name in unknown]
-        fail(f"--config: unknown setting {', '.join(hints)} in the YAML file. Every setting is a field of Args "
+        fail(f"Unknown setting {', '.join(hints)} {where}. Every setting is a field of Args "
              f"(`python {SCRIPT} --help` lists them).")
     except OSError as err:
         fail(f"--config: cannot read the YAML file ({err.strerror}: {err.filename}).")
@@ -810,8 +819,8 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
     settings = f"--{setting}" + (f" and --{related}" if related else "")
     text = " ".join(f"{type(err).__name__}: {err}".split())
     if is_gated(err):
-        return (f"'{name}' (--{setting}) is a gated model and this machine has no access to it: accept its license "
-                f"on the model's hub page with your account, then give this machine your token "
+        return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
+                f"license on its hub page with your account, then give this machine your token "
                 f"(`huggingface-cli login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
                 f"directory. {offline_hint()}")
     offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
@@ -953,7 +962,6 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
 def check_checkpoint(checkpoint: str, marker: str):
     """Every file of a checkpoint complete and readable, before any model is loaded; else say which file is
     broken and what to do. Reads headers and archive directories, not whole tensors."""
-    import pickle
     import zipfile
 
     broken = None if os.path.exists(os.path.join(checkpoint, marker)) else f"{marker} is missing"
@@ -968,11 +976,8 @@ def check_checkpoint(checkpoint: str, marker: str):
                     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
                     if os.path.getsize(path) < 8 + header_size + end:
                         raise ValueError("shorter than its header says (truncated)")
-                elif name.endswith((".bin", ".pt", ".pth")) or (name.endswith(".pkl") and zipfile.is_zipfile(path)):
+                elif name.endswith((".bin", ".pt", ".pth", ".pkl")):
                     zipfile.ZipFile(path).close()  # torch.save writes a zip archive; its directory is at the end
-                elif name.endswith(".pkl"):
-                    with open(path, "rb") as handle:
-                        pickle.load(handle)
                 elif name.endswith(".json"):
                     with open(path) as handle:
                         json.load(handle)
@@ -991,11 +996,34 @@ def check_checkpoint(checkpoint: str, marker: str):
              f"{earlier_hint}start fresh with --overwrite_output_dir (without --resume).")
 
 
+def read_json(path: str) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def write_json(path: str, data: dict):
     """Write to a temporary file, then rename: a crash never leaves a half-written file under the real name."""
     with open(path + ".tmp", "w") as handle:
         json.dump(data, handle, indent=2)
     os.replace(path + ".tmp", path)
+
+
+def save_atomically(accelerator, staging: str, final: str, save):
+    """Write a checkpoint into `staging` with `save()`, then rename it to `final` once every process is done: a
+    crash while saving never leaves a checkpoint that looks complete. A staging folder left by an earlier crash, and
+    a checkpoint of the same name from before a run was continued from an earlier one, are replaced."""
+    import shutil
+
+    if accelerator.is_main_process and os.path.exists(staging):
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    save()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    accelerator.wait_for_everyone()
 
 
 class StopRequest:
@@ -1006,7 +1034,8 @@ class StopRequest:
     LEFT = {"setup": "Nothing was trained yet.",
             "training": "This step's checkpoint was not saved; earlier checkpoints are kept.",
             "saving": "The trained model may be partly written; the last checkpoint is kept.",
-            "evaluation": "The trained model is saved in --output_dir; the evaluation (eval.json) was not written."}
+            "evaluation": "The trained model is saved in --output_dir; the evaluation (eval.json) was not written.",
+            "reporting": "The trained model and eval.json are saved; what came after them may be incomplete."}
     FINISHING = {"training": "finishing the current step, then saving a checkpoint",
                  "saving": "finishing saving the trained model, then stopping"}
 
@@ -1031,6 +1060,18 @@ class StopRequest:
         self.signal_name = self.signal_name or name
         self.stop_now(f"\n{name}: stopped at once. {self.LEFT[self.phase]}")
 
+    def requested(self) -> bool:
+        """Whether any process was asked to stop. With several processes all must stop at the same step, and a
+        launcher signals them one by one: they agree here, once per step, on the highest signal number seen."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            number = getattr(signal, self.signal_name) if self.signal_name else 0
+            nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+            flag = torch.tensor([number], device=torch.cuda.current_device() if nccl else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not self.signal_name:
+                self.signal_name = signal.Signals(int(flag.item())).name  # another process's signal stops this one
+        return bool(self.signal_name)
+
     def enter(self, phase: str):
         """The run moves on to `phase`; a stop asked for while saving takes effect once the model is saved."""
         self.phase = phase
@@ -1050,8 +1091,9 @@ class StopRequest:
 
 
 def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
-    """The command line of this run, resuming from `checkpoint`: without its own --resume (bare, with a value or
-    --resume=PATH) and without --overwrite_output_dir, which would delete the checkpoints."""
+    """The command line of this run, resuming from `checkpoint`: launched the same way (as many processes), without
+    its own --resume (bare, with a value or --resume=PATH) and without --overwrite_output_dir, which would delete
+    the checkpoints."""
     import shlex
 
     argv, kept, skip = list(sys.argv[1:] if argv is None else argv), [], False
@@ -1064,7 +1106,9 @@ def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
             skip = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
             continue
         kept.append(token)
-    return shlex.join(["python", SCRIPT, *kept, "--resume", checkpoint])
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    launcher = ["accelerate", "launch", "--num_processes", str(processes)] if processes > 1 else ["python"]
+    return shlex.join([*launcher, SCRIPT, *kept, "--resume", checkpoint])
 
 
 def prepare_tracking(args):
@@ -1119,8 +1163,8 @@ def on_gpu(args) -> bool:
 
 
 def tf32_setting(args) -> Optional[bool]:
-    """TrainingArguments' `tf32` (a process-wide matmul setting, so TRL's own Accelerator does not undo it): the
-    choice where the GPU has TF32, else None, PyTorch's default (asking for TF32 without it raises)."""
+    """TrainingArguments' `tf32` (a process-wide matmul setting, which reaches trainers that build their own
+    Accelerator): the choice where the GPU has TF32, else None, PyTorch's default (asking without TF32 raises)."""
     return args.tf32 if on_gpu(args) and is_torch_tf32_available() else None
 
 

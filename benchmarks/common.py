@@ -58,8 +58,9 @@ def run_script(command: list[str]) -> dict:
             **steady(steps["step_seconds"]), "first_loss": steps["first_loss"]}
 
 
-# Dense bf16 tensor-core peak by the vendors' datasheets (SXM parts), for model FLOPs utilisation. Measured here
-# on an H200 (see ../shared/stack-notes.md): about 790 TFLOP/s on an 8192^3 product, so 80% is the practical ceiling.
+# Dense bf16 tensor-core peak by the vendors' datasheets (SXM parts), for model FLOPs utilisation. Measured on an
+# H200 of the device machines this project used: about 790 TFLOP/s on an 8192^3 product, so 80% is the practical
+# ceiling.
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
 
 

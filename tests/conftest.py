@@ -49,5 +49,6 @@ def dpo_assets():
 def no_wandb_credentials(tmp_path, monkeypatch):
     """No API key, no ~/.netrc, no WANDB_MODE."""
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that whatever the test sets is undone after it
+        monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path))

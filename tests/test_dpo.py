@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import signal
 
 import bitsandbytes
 import pytest
@@ -453,7 +454,7 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dp
     crashed = tmp_path / "crashed"  # as if the machine died right after the step-10 checkpoint
     shutil.copytree(straight / "checkpoint-10", crashed / "checkpoint-10")
     result = run_tiny(dpo, dpo_assets, crashed, *common, "--resume")
-    assert result["steps"] == 20
+    assert result["steps"] == 20 and result["steps_this_run"] == 10
     assert json.loads((crashed / "checkpoint-20" / "trainer_state.json").read_text())["global_step"] == 20
     expected, resumed = adapter_weights(straight), adapter_weights(crashed)
     assert expected.keys() == resumed.keys()
@@ -475,6 +476,19 @@ def test_sigterm_saves_a_checkpoint_prints_how_to_resume_and_exits_143(dpo_asset
     assert 0 < step < 2000
     assert f"Stopped by SIGTERM after step {step} of 2000" in output
     assert f"--resume {checkpoints[0]}" in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_final_evaluation_keeps_the_saved_adapter_and_exits_130(dpo_assets, tmp_path):
+    out = tmp_path / "run"
+    code, output, _ = run_then_signal(DPO_SCRIPT, tiny_argv(dpo_assets, out, "--max_steps", "5", "--eval_steps", "0",
+                                                            "--num_eval_generations", "60", "--max_new_tokens", "64",
+                                                            "--per_device_eval_batch_size", "1"),
+                                      "Evaluating", delay=0.5, sig=signal.SIGINT)
+    assert code == 130, output[-3000:]
+    assert "SIGINT: stopped at once. The trained model is saved in --output_dir" in output
+    assert "Traceback" not in output and not (out / "eval.json").exists()
+    assert (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
 
 
 # ---------------------------------------------------------------------------------------------- trackers

@@ -408,6 +408,45 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(pp
             torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
 
 
+def test_resuming_from_an_earlier_checkpoint_replaces_the_later_ones(ppo_assets, tmp_path):
+    """Continuing from checkpoint-4 of a run that went on to checkpoint-8 writes checkpoints 6 and 8 again (the
+    rename used to fail on the existing folders) and ends with the same weights (within 1e-6)."""
+    from safetensors.torch import load_file
+
+    common = ["--total_episodes", "256", "--save_steps", "2", "--num_eval_prompts", "8"]
+    run_tiny(ppo, ppo_assets, tmp_path, *common)
+    first = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "checkpoint-8" / "stale-marker").write_text("from the first run")
+    result = run_tiny(ppo, ppo_assets, tmp_path, *common, "--resume", tmp_path / "checkpoint-4")
+    assert result["updates_this_run"] == 4 and not (tmp_path / "checkpoint-8" / "stale-marker").exists()
+    again = load_file(tmp_path / "model.safetensors")
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_every_process_stops_at_the_same_step_when_one_is_signalled(tmp_path):
+    """A launcher signals its processes one by one: the process that saw nothing yet takes the other's signal at
+    the same step instead of running on (and hanging the others in the checkpoint's barriers)."""
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(agree_on_stop, args=(str(tmp_path),), nprocs=2, join=True)
+    assert sorted((tmp_path / f"rank{rank}").read_text() for rank in (0, 1)) == ["SIGTERM", "SIGTERM"]
+
+
+def agree_on_stop(rank: int, directory: str):
+    import torch.distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getppid() % 1000))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    stop = ppo.StopRequest()
+    stop.signal_name = "SIGTERM" if rank == 0 else None
+    assert stop.requested()
+    with open(os.path.join(directory, f"rank{rank}"), "w") as handle:
+        handle.write(stop.signal_name)
+    torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_the_printed_resume_command_of_a_resumed_run_works_verbatim(ppo_assets, tmp_path):
     """A run started with --resume PATH and interrupted prints a command with one --resume, which, run as printed,
@@ -455,6 +494,7 @@ def test_a_second_ctrl_c_stops_at_once_with_exit_130_and_no_traceback(ppo_assets
                                                             "--save_steps", "0"), "Training:", sig=signal.SIGINT,
                                       again_after=0.0)
     assert code == 130, output[-3000:]
+    assert "SIGINT: finishing the current step, then saving a checkpoint (again to stop at once)" in output
     assert "SIGINT: stopped at once. This step's checkpoint was not saved" in output
     assert "Traceback" not in output and not list(out.glob("checkpoint-*"))
 
@@ -479,7 +519,8 @@ def test_wandb_goes_to_the_project_setting_and_offline_without_credentials(no_wa
     assert os.environ["WANDB_ENTITY"] == "my-team"
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "offline" in printed[0]
-    os.environ.update(WANDB_MODE="online", WANDB_API_KEY="x" * 40)
+    for name, value in (("WANDB_MODE", "online"), ("WANDB_API_KEY", "x" * 40)):
+        os.environ[name] = value  # undone by the fixture
     ppo.prepare_tracking(ppo.parse_args(["--report_to", "wandb", "--wandb_project", "other"]))
     assert os.environ["WANDB_MODE"] == "online" and os.environ["WANDB_PROJECT"] == "other"  # the user's choices
 

@@ -62,13 +62,17 @@ def test_a_bad_setting_on_the_command_line_exits_1_with_one_paragraph_and_no_tra
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
-def test_an_unknown_yaml_setting_is_named_with_the_closest_known_one(script, module, tmp_path):
+def test_an_unknown_setting_in_yaml_or_on_the_command_line_is_named_with_the_closest_known_one(script, module, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("learnig_rate: 0.1\nseed: 3\n")
     completed = run_cli(script, ["--config", config, "--output_dir", str(tmp_path)])
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
-    assert "--config: unknown setting 'learnig_rate' (did you mean learning_rate?) in the YAML file" in \
+    assert "Unknown setting 'learnig_rate' (did you mean learning_rate?) in the YAML file" in \
         " ".join(completed.stderr.split())
+    typo = run_cli(script, ["--learnig_rate", "0.1", "--output_dir", str(tmp_path)])
+    assert typo.returncode == 1 and "Traceback" not in typo.stderr
+    assert "Unknown setting 'learnig_rate' (did you mean learning_rate?) on the command line" in \
+        " ".join(typo.stderr.split())
 
 
 def test_the_resume_command_drops_every_form_of_resume_and_overwrite():
