@@ -299,6 +299,25 @@ def test_first_ppo_epoch_policy_ratio_stays_close_to_one(ppo_assets, tmp_path):
     assert 1e-4 < bf16 < 0.05  # autocast really ran (the error moved), and stayed small
 
 
+def test_bf16_autocast_reaches_the_accelerator_trl_builds_and_only_that_one(tmp_path, monkeypatch):
+    """TRL's PPO trainer builds its Accelerator without a mixed precision, so accelerate reads it from the
+    environment: the script sets it while the trainer is built (where --bf16_autocast applies) and restores it."""
+    seen = []
+
+    def building(self, *args, **kwargs):
+        seen.append(os.environ.get("ACCELERATE_MIXED_PRECISION"))
+        raise InterruptedError  # the trainer itself is not needed here
+
+    monkeypatch.setattr(ppo.PPOTrainer, "__init__", building)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for wanted in (True, False):
+        monkeypatch.setattr(ppo, "bf16_autocast", lambda settings: wanted)  # as on a GPU with bf16, then off
+        with pytest.raises(InterruptedError):
+            ppo.SentimentPPOTrainer(settings=ppo.parse_args([]), checkpoint=None, stop=ppo.StopRequest())
+        assert "ACCELERATE_MIXED_PRECISION" not in os.environ
+    assert seen == ["bf16", None]
+
+
 def test_static_cache_generation_serves_rollouts_only(ppo_assets, tmp_path, monkeypatch):
     """With --static_cache_generation every rollout decodes with a static cache (uncompiled on a CPU), while
     sample tables (another batch shape, which would compile again) and the evaluation keep the dynamic one."""
