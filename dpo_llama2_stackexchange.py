@@ -801,16 +801,15 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     """The checkpoint to resume from, or None for a fresh start. A finished run (eval.json) or an unfinished one
     (checkpoints) is never overwritten silently: a fresh start over it needs --overwrite_output_dir."""
     directory = args.output_dir
-    checkpoints = sorted((name for name in os.listdir(directory) if name.startswith("checkpoint-")
-                          and name.split("-")[1].isdigit()), key=lambda name: int(name.split("-")[1]))
+    checkpoints = [f"checkpoint-{step}" for step in checkpoint_steps(directory)]
     finished = os.path.exists(os.path.join(directory, "eval.json"))
     if args.resume:
         if args.resume == "latest":
-            complete = [name for name in checkpoints if os.path.exists(os.path.join(directory, name, checkpoint_marker))]
+            complete = checkpoint_steps(directory, checkpoint_marker)
             if not complete:
                 fail(f"--resume: no checkpoint of this script in --output_dir {directory!r} (a checkpoint-N directory "
                      f"with {checkpoint_marker}). Give the output dir of the interrupted run, or a checkpoint path.")
-            checkpoint = os.path.join(directory, complete[-1])
+            checkpoint = os.path.join(directory, f"checkpoint-{complete[-1]}")
         else:
             checkpoint = args.resume
         check_checkpoint(checkpoint, checkpoint_marker)
@@ -832,6 +831,13 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
         print(f"--overwrite_output_dir: deleted the earlier run's eval.json and {len(checkpoints)} checkpoint(s).")
     PartialState().wait_for_everyone()
     return None
+
+
+def checkpoint_steps(directory: str, marker: Optional[str] = None) -> list:
+    """The N of each checkpoint-N folder in `directory`, in order; with `marker`, only folders that hold that file."""
+    return sorted(int(name.split("-")[1]) for name in os.listdir(directory)
+                  if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+                  and (marker is None or os.path.exists(os.path.join(directory, name, marker))))
 
 
 def check_checkpoint(checkpoint: str, marker: str):
@@ -861,10 +867,7 @@ def check_checkpoint(checkpoint: str, marker: str):
     if broken:
         parent, name = os.path.split(os.path.normpath(checkpoint))
         step = int(name.split("-")[-1]) if name.split("-")[-1].isdigit() else None
-        earlier = sorted((int(other.split("-")[1]) for other in os.listdir(parent or ".")
-                          if other.startswith("checkpoint-") and other.split("-")[1].isdigit()
-                          and step is not None and int(other.split("-")[1]) < step
-                          and os.path.exists(os.path.join(parent, other, marker))))
+        earlier = [other for other in checkpoint_steps(parent or ".", marker) if step is not None and other < step]
         earlier_hint = f"resume from an earlier one (--resume {os.path.join(parent, f'checkpoint-{earlier[-1]}')}), or " \
             if earlier else ""
         fail(f"The checkpoint {checkpoint!r} is incomplete or damaged: {broken}. Nothing was loaded: "
