@@ -8,16 +8,14 @@
 projections, gradient checkpointing, pairs padded out to --max_length tokens. `--num_layers` shrinks the depth
 for a quick check of the path (32 is the real model).
 """
-import argparse
 import json
 import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 
-from common import mfu, parameter_count, record, run_script
+from common import benchmark_parser, mfu, parameter_count, parse_benchmark_args, record, run_script
 
 
 def build_shape_faithful_model(directory: str, num_layers: int, device: str, pair_tokens: int, lengths: str):
@@ -132,11 +130,7 @@ def mean_pair_tokens(model_dir: str, pairs_file: str) -> float:
 
 
 def main():
-    argv = sys.argv[1:]
-    own, script_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "llama2-7b"], default="tiny")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = benchmark_parser(__doc__, "dpo_llama2_stackexchange.py", ["tiny", "llama2-7b"])
     parser.add_argument("--steps", type=int, default=None, help="DPO steps to time (llama2-7b default: 5)")
     parser.add_argument("--batch_size", type=int, default=1, help="llama2-7b: pairs per forward pass")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -144,13 +138,7 @@ def main():
     parser.add_argument("--lengths", choices=["full", "spread"], default="full",
                         help="llama2-7b: every pair at the full length, or lengths spread like real pairs")
     parser.add_argument("--num_layers", type=int, default=32, help="llama2-7b depth (32 is the real model)")
-    parser.add_argument("--baseline", default=None, help="a directory holding an older dpo_llama2_stackexchange.py: "
-                        "measured too, same settings, with a ratio row")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="'NAME: --flag value ...': also measure the script with these flags (a lever's share)")
-    parser.add_argument("--name", default="script-defaults", help="the layout name of the main row")
-    parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
-    args = parser.parse_args(own)
+    args, script_flags, variants = parse_benchmark_args(parser)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_dpo_")
     if args.arch != "tiny" and not os.path.exists(os.path.join(work, "llama2-7b", "config.json")):
         build_shape_faithful_model(work, args.num_layers, args.device, args.max_length, args.lengths)
@@ -164,9 +152,8 @@ def main():
             figures["peak_gpu_memory_ratio"] = round(ours["figures"]["peak_gpu_memory_gib"]
                                                      / old["figures"]["peak_gpu_memory_gib"], 3)
         record("dpo", {"arch": args.arch, "device": args.device, "comparison": "script-defaults vs baseline"}, figures)
-    for variant in args.variant:
-        name, _, flags = variant.partition(":")
-        measure(args, work, name.strip(), script_flags + flags.split())
+    for name, flags in variants:
+        measure(args, work, name, script_flags + flags)
 
 
 if __name__ == "__main__":

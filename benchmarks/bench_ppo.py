@@ -19,14 +19,12 @@ Each update is timed in two phases (the script logs them as time/rollout_seconds
 rollout = generation, reward, reference and value passes and advantages; optimisation = the PPO epochs. The
 figures are means over the updates after the first (warm-up).
 """
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
-from common import mfu, parameter_count, record, run_script
+from common import benchmark_parser, mfu, parameter_count, parse_benchmark_args, record, run_script
 
 
 def build_shape_faithful_models(directory: str):
@@ -125,22 +123,12 @@ def compare(args, name: str, new: dict, old: dict) -> dict:
 
 
 def main():
-    argv = sys.argv[1:]
-    own, script_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "gpt2"], default="tiny")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = benchmark_parser(__doc__, "ppo_gpt2_imdb.py", ["tiny", "gpt2"])
     parser.add_argument("--updates", type=int, default=None, help="PPO updates to time (gpt2 default: 5)")
     parser.add_argument("--batch_size", type=int, default=None, help="prompts per update (default: the script's)")
     parser.add_argument("--compare_trl_example", action="store_true",
                         help="also measure TRL's one-GPU example layout on the same task and record the speed-up")
-    parser.add_argument("--baseline", default=None,
-                        help="a directory holding an older ppo_gpt2_imdb.py: measured too, same settings, with a ratio row")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="'NAME: --flag value ...': also measure the script with these flags (a lever's share)")
-    parser.add_argument("--name", default="script-defaults", help="the layout name of the main row")
-    parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
-    args = parser.parse_args(own)
+    args, script_flags, variants = parse_benchmark_args(parser)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_ppo_")
     if args.arch == "gpt2":
         build_shape_faithful_models(work)
@@ -150,9 +138,8 @@ def main():
     ours = measure(args, work, args.name, batch, script_flags)
     if args.baseline:
         compare(args, "script-defaults vs baseline", ours, old)
-    for variant in args.variant:
-        name, _, flags = variant.partition(":")
-        measure(args, work, name.strip(), batch, script_flags + flags.split())
+    for name, flags in variants:
+        measure(args, work, name, batch, script_flags + flags)
     if args.compare_trl_example:
         theirs = measure(args, work, "trl-example", TRL_EXAMPLE_BATCH, TRL_EXAMPLE_FLAGS + script_flags)
         speedup = ours["figures"]["samples_per_second"] / theirs["figures"]["samples_per_second"]

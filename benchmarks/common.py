@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: run a training script as a child process, measure it, record the result."""
+import argparse
 import datetime
 import json
 import os
@@ -13,6 +14,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def benchmark_parser(doc: str, script: str, archs: list) -> argparse.ArgumentParser:
+    """The options both benchmarks share; each adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=archs, default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--baseline", default=None,
+                        help=f"a directory holding an older {script}: measured too, same settings, with a ratio row")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="'NAME: --flag value ...': also measure the script with these flags (a lever's share)")
+    parser.add_argument("--name", default="script-defaults", help="the layout name of the main row")
+    parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser) -> tuple:
+    """The benchmark's own options, the flags after `--` (they go to the script, in every run), and the variants
+    as (name, flags) pairs."""
+    argv = sys.argv[1:]
+    own, script_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = parser.parse_args(own)
+    variants = [(name.strip(), flags.split()) for name, _, flags in (v.partition(":") for v in args.variant)]
+    return args, script_flags, variants
 
 
 def hardware() -> dict:
