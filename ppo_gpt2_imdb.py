@@ -117,6 +117,9 @@ class Args:
                               "GPT-2 size (H200: 0.28 -> 0.32 s per update); no effect on a CPU")
     static_cache_generation: bool = arg(False, "rollouts decode with a static KV cache (compiled on a GPU). Off: "
                                         "H200 saves 0.04 s per update but compiles 10-14 s, more than one IMDB pass saves")
+    compile_ppo_epochs: Optional[str] = arg(None, "torch.compile mode for the policy and value passes of the PPO "
+                                            "epochs: default, reduce-overhead (GPU: CUDA graphs too) or "
+                                            "max-autotune; None: eager. Not yet measured on a GPU")
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny models and data are built")
 
 
@@ -508,7 +511,10 @@ class SentimentPPOTrainer(PPOTrainer):
         self.phase_seconds = {"rollout": [], "optimisation": []}  # one entry per update, in order
         self.phase_started = {}
         # The policy-and-value wrapper runs only in the PPO epochs: rollouts call the policy and value model apart.
-        self.accelerator.unwrap_model(self.model).register_forward_pre_hook(self.optimisation_begins)
+        wrapper = self.accelerator.unwrap_model(self.model)
+        wrapper.register_forward_pre_hook(self.optimisation_begins)
+        if settings.compile_ppo_epochs:
+            compile_ppo_epochs(wrapper, settings.compile_ppo_epochs)
 
     def train(self):
         # TRL's loop runs gc.collect() twice and empties the CUDA cache about ten times per update, to keep big
@@ -681,6 +687,19 @@ def save_outputs(trainer, tokenizer, args: Args):
     trainer.accelerator.wait_for_everyone()
 
 
+def compile_ppo_epochs(wrapper, mode: str):
+    """Compiles the forward (and so the backward) of TRL's policy-and-value wrapper, which only the PPO epochs call:
+    generation and the rollout's reference, value and reward passes stay eager. The compiled function replaces the
+    module's `forward`, inside its hooks, so the phase timing hook still runs. transformers 5 installs its
+    hidden-state capturing hooks on a model's first call, under a threading lock that torch.compile cannot trace:
+    one eager call first, or the graph breaks there
+    (test_compiled_ppo_epochs_trace_into_one_graph_after_one_eager_call)."""
+    device = next(wrapper.parameters()).device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        trl_ppo_module.forward(wrapper, torch.zeros((1, 2), dtype=torch.long, device=device), pad_token_id=-1)
+    wrapper.forward = torch.compile(wrapper.forward, mode=mode)
+
+
 def bf16_autocast(args: Args) -> bool:
     return args.bf16_autocast and on_gpu(args) and torch.cuda.is_bf16_supported()
 
@@ -709,6 +728,15 @@ def validate(args: Args):
         # rollout batch, so with both > 1 it accumulates over several mini-batches: fewer, larger steps than asked.
         fail("--num_mini_batches and --gradient_accumulation_steps cannot both be above 1 with TRL 1.12's PPO "
              "trainer (it would accumulate gradients across mini-batches). Set one of them to 1.")
+    from torch._inductor import list_mode_options
+
+    modes = list(list_mode_options())
+    if args.compile_ppo_epochs is not None and args.compile_ppo_epochs not in modes:
+        fail(f"--compile_ppo_epochs must be one of {', '.join(modes)} (torch.compile's modes), or unset for eager; "
+             f"got '{args.compile_ppo_epochs}'.")
+    if args.compile_ppo_epochs in ("reduce-overhead", "max-autotune") and not on_gpu(args):
+        fail(f"--compile_ppo_epochs {args.compile_ppo_epochs} records CUDA graphs, which need a GPU, and this run "
+             "has none. Use --compile_ppo_epochs default (or max-autotune-no-cudagraphs) on a CPU.")
     validate_common(args)
 
 

@@ -15,7 +15,8 @@ import random
 import shutil
 import tempfile
 
-from common import benchmark_parser, mfu, parameter_count, parse_benchmark_args, record, run_script
+from common import (benchmark_parser, measure_variants, mfu, parameter_count, parse_benchmark_args, record,
+                    run_script)
 
 
 def build_shape_faithful_model(directory: str, num_layers: int, device: str, pair_tokens: int, lengths: str):
@@ -65,8 +66,10 @@ def build_shape_faithful_model(directory: str, num_layers: int, device: str, pai
             handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_llama2_stackexchange.py") -> dict:
-    """Run `script` once with the given flags; record and return the row."""
+def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_llama2_stackexchange.py",
+            profile: bool = False) -> dict:
+    """Run `script` once with the given flags; record and return the row. `profile`: also profile step
+    --profile_step into WORK/NAME.profile.txt."""
     output_dir = os.path.join(work, name)
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none", "--eval_steps",
@@ -84,7 +87,8 @@ def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_lla
                     "--max_new_tokens", "4", "--per_device_eval_batch_size", "1", "--warmup_steps", "1"]
         if args.device == "cpu":
             command += ["--optim", "adamw_torch"]
-    measured = run_script(command + flags)  # later flags win
+    profile_to = f"{args.profile_step}:{output_dir}.profile.txt" if profile and args.profile_step else ""
+    measured = run_script(command + flags, profile_to)  # later flags win
     result = json.load(open(os.path.join(output_dir, "eval.json")))
     run_args = result["args"]
     pairs_per_step = run_args["per_device_train_batch_size"] * run_args["gradient_accumulation_steps"]
@@ -144,16 +148,21 @@ def main():
         build_shape_faithful_model(work, args.num_layers, args.device, args.max_length, args.lengths)
     if args.baseline:  # first, so that the new script cannot warm anything up for it
         old = measure(args, work, "baseline", script_flags, os.path.join(args.baseline, "dpo_llama2_stackexchange.py"))
-    ours = measure(args, work, args.name, script_flags)
+    ours = measure(args, work, args.name, script_flags, profile=True)
     if args.baseline:
-        figures = {"steady_step_speedup": round(old["figures"]["steady_seconds_per_step"]
-                                                / ours["figures"]["steady_seconds_per_step"], 2)}
-        if ours["figures"]["peak_gpu_memory_gib"] and old["figures"]["peak_gpu_memory_gib"]:
-            figures["peak_gpu_memory_ratio"] = round(ours["figures"]["peak_gpu_memory_gib"]
-                                                     / old["figures"]["peak_gpu_memory_gib"], 3)
-        record("dpo", {"arch": args.arch, "device": args.device, "comparison": "script-defaults vs baseline"}, figures)
-    for name, flags in variants:
-        measure(args, work, name, script_flags + flags)
+        compare(args, f"{args.name} vs baseline", ours, old)
+    measure_variants("dpo", args, variants, lambda name, flags: measure(args, work, name, script_flags + flags),
+                     old if args.baseline else None, lambda name, new, base: compare(args, name, new, base))
+
+
+def compare(args, name: str, new: dict, old: dict) -> dict:
+    """One row with the ratios of two rows measured in this invocation (new over old)."""
+    figures = {"steady_step_speedup": round(old["figures"]["steady_seconds_per_step"]
+                                            / new["figures"]["steady_seconds_per_step"], 2)}
+    if new["figures"]["peak_gpu_memory_gib"] and old["figures"]["peak_gpu_memory_gib"]:
+        figures["peak_gpu_memory_ratio"] = round(new["figures"]["peak_gpu_memory_gib"]
+                                                 / old["figures"]["peak_gpu_memory_gib"], 3)
+    return record("dpo", {"arch": args.arch, "device": args.device, "comparison": name}, figures)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import os
 import shutil
 import tempfile
 
-from common import benchmark_parser, mfu, parameter_count, parse_benchmark_args, record, run_script
+from common import (benchmark_parser, measure_variants, mfu, parameter_count, parse_benchmark_args, record,
+                    run_script)
 
 
 def build_shape_faithful_models(directory: str):
@@ -56,8 +57,10 @@ TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches",
                      "--free_memory_each_update", "true"]
 
 
-def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py") -> dict:
-    """Run `script` once with `batch_size` prompts per update and the given flags; record and return the row."""
+def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py",
+            profile: bool = False) -> dict:
+    """Run `script` once with `batch_size` prompts per update and the given flags; record and return the row.
+    `profile`: also profile update --profile_step into WORK/NAME.profile.txt."""
     output_dir = os.path.join(work, name)
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
@@ -70,7 +73,8 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
                     "--dataset_name", os.path.join(work, "tiny", "reviews"), "--num_eval_prompts", "16"]
     if args.updates or args.arch == "gpt2":
         command += ["--total_episodes", str((args.updates or 5) * batch_size)]
-    measured = run_script(command + flags)  # later flags win
+    profile_to = f"{args.profile_step}:{output_dir}.profile.txt" if profile and args.profile_step else ""
+    measured = run_script(command + flags, profile_to)  # later flags win
     result = json.load(open(os.path.join(output_dir, "eval.json")))
     run_args = result["args"]
     settings = {"arch": args.arch, "device": args.device, "layout": name, "batch_size": run_args["batch_size"],
@@ -80,6 +84,7 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
                 "free_memory_each_update": run_args["free_memory_each_update"], "updates": result["updates"]}
     for lever in ("bf16_autocast", "static_cache_generation"):  # absent from copies older than these settings
         settings[lever] = run_args.get(lever, False) and args.device == "cuda"
+    settings["compile_ppo_epochs"] = run_args.get("compile_ppo_epochs")
     steady = measured["steady_seconds_per_step"]
     samples = run_args["batch_size"]
     figures = {"wall_seconds": measured["wall_seconds"], "peak_rss_gib": measured["peak_rss_gib"],
@@ -135,11 +140,11 @@ def main():
     batch = args.batch_size or (32 if args.arch == "tiny" else 128)
     if args.baseline:  # first, so that the new script cannot warm anything up for it
         old = measure(args, work, "baseline", batch, script_flags, os.path.join(args.baseline, "ppo_gpt2_imdb.py"))
-    ours = measure(args, work, args.name, batch, script_flags)
+    ours = measure(args, work, args.name, batch, script_flags, profile=True)
     if args.baseline:
-        compare(args, "script-defaults vs baseline", ours, old)
-    for name, flags in variants:
-        measure(args, work, name, batch, script_flags + flags)
+        compare(args, f"{args.name} vs baseline", ours, old)
+    measure_variants("ppo", args, variants, lambda name, flags: measure(args, work, name, batch, script_flags + flags),
+                     old if args.baseline else None, lambda name, new, base: compare(args, name, new, base))
     if args.compare_trl_example:
         theirs = measure(args, work, "trl-example", TRL_EXAMPLE_BATCH, TRL_EXAMPLE_FLAGS + script_flags)
         speedup = ours["figures"]["samples_per_second"] / theirs["figures"]["samples_per_second"]

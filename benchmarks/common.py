@@ -27,6 +27,9 @@ def benchmark_parser(doc: str, script: str, archs: list) -> argparse.ArgumentPar
                         help="'NAME: --flag value ...': also measure the script with these flags (a lever's share)")
     parser.add_argument("--name", default="script-defaults", help="the layout name of the main row")
     parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
+    parser.add_argument("--profile_step", type=int, default=None,
+                        help="also profile this step (2 or later) of the main row with torch.profiler: operations "
+                             "ranked by GPU and CPU time, in WORK_DIR/NAME.profile.txt")
     return parser
 
 
@@ -36,6 +39,8 @@ def parse_benchmark_args(parser: argparse.ArgumentParser) -> tuple:
     argv = sys.argv[1:]
     own, script_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser.parse_args(own)
+    if args.profile_step is not None and args.profile_step < 2:
+        parser.error("--profile_step must be 2 or later: the first step warms up (and compiles)")
     variants = [(name.strip(), flags.split()) for name, _, flags in (v.partition(":") for v in args.variant)]
     return args, script_flags, variants
 
@@ -57,10 +62,10 @@ def versions() -> dict:
     return {name: metadata.version(name) for name in ("torch", "trl", "transformers", "peft", "bitsandbytes")}
 
 
-def run_script(command: list[str]) -> dict:
+def run_script(command: list[str], profile: str = "") -> dict:
     """Run `python <command>` from the repo root with every optimizer step timed (step_timer.py); return wall
     seconds, the child's peak RSS, the first step's seconds (warm-up, compilation), the mean seconds of the steps
-    after it, and the first logged loss."""
+    after it, and the first logged loss. `profile` ("STEP:PATH") also profiles that step into PATH."""
     import tempfile
 
     from step_timer import steady
@@ -70,7 +75,8 @@ def run_script(command: list[str]) -> dict:
     timer = os.path.join(REPO, "benchmarks", "step_timer.py")
     child = subprocess.Popen([sys.executable, timer, times, *command], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+                                  "STEP_TIMER_PROFILE": profile})
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)  # resource usage of this child alone
     if os.waitstatus_to_exitcode(status) != 0:
@@ -123,3 +129,24 @@ def record(benchmark: str, settings: dict, figures: dict) -> dict:
     with open(RESULTS, "a") as handle:
         handle.write("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |\n")
     return row
+
+
+def measure_variants(benchmark: str, args, variants: list, measure_one, baseline: Optional[dict], compare) -> list:
+    """Measure each (name, flags) variant; with a baseline, add its ratio row. A variant that fails gets a row
+    saying so (its last line of output) and the others still run: a lever that breaks is a result too."""
+    rows = []
+    for name, flags in variants:
+        try:
+            row = measure_one(name, flags)
+        except SystemExit as failed:
+            output = str(failed)
+            # The scripts' own paragraph ("error: ..."), else the last line (a traceback's exception).
+            reason = output[output.rfind("error:"):] if "error:" in output else output.strip().splitlines()[-1]
+            print(f"variant {name} failed: {output}", flush=True)
+            record(benchmark, {"arch": args.arch, "device": args.device, "layout": name, "flags": " ".join(flags)},
+                   {"failed": " ".join(reason.split())[:300]})
+            continue
+        rows.append(row)
+        if baseline is not None:
+            compare(f"{name} vs baseline", row, baseline)
+    return rows

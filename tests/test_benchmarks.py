@@ -44,14 +44,19 @@ def run_benchmark(module_name: str, argv: list, tmp_path, monkeypatch, capsys) -
 @pytest.mark.slow
 def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_example_layout(
         ppo_assets, tmp_path, monkeypatch, capsys):
-    """The baseline here is the script itself (copied): the point is the bookkeeping, not a speed-up."""
+    """The baseline here is the script itself (copied): the point is the bookkeeping, not a speed-up. A variant
+    that fails gets a row saying why, and the rest still runs; --profile_step writes the profiled update's table."""
     import shutil
 
     os.symlink(ppo_assets, tmp_path / "tiny")  # the tiny models, already built
     shutil.copy(os.path.join(REPO, "ppo_gpt2_imdb.py"), tmp_path / "ppo_gpt2_imdb.py")
-    old, ours, versus, theirs, comparison = run_benchmark(
+    old, ours, versus, broken, theirs, comparison = run_benchmark(
         "bench_ppo", ["--updates", "3", "--compare_trl_example", "--baseline", str(tmp_path), "--work_dir",
-                      str(tmp_path), "--", "--num_eval_prompts", "8"], tmp_path, monkeypatch, capsys)
+                      str(tmp_path), "--profile_step", "2", "--variant", "broken: --compile_ppo_epochs fast", "--",
+                      "--num_eval_prompts", "8"], tmp_path, monkeypatch, capsys)
+    assert broken["settings"]["layout"] == "broken" and "must be one of" in broken["figures"]["failed"]
+    profile = (tmp_path / "script-defaults.profile.txt").read_text()
+    assert profile.startswith("Step 2: ") and "By CPU time" in profile and "aten::" in profile
     assert old["settings"]["layout"] == "baseline" and ours["settings"]["layout"] == "script-defaults"
     assert ours["settings"]["batch_size"] == 32 and ours["settings"]["num_mini_batches"] == 2
     assert theirs["settings"]["batch_size"] == 64 and theirs["settings"]["micro_batch"] == 64
@@ -68,7 +73,7 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
     assert comparison["figures"]["samples_per_second_ratio"] == round(ratio, 2)
     ratio = ours["figures"]["samples_per_second"] / old["figures"]["samples_per_second"]
     assert versus["figures"]["samples_per_second_ratio"] == round(ratio, 2)
-    assert (tmp_path / "RESULTS.md").read_text().count("| ppo |") == 5
+    assert (tmp_path / "RESULTS.md").read_text().count("| ppo |") == 6
 
 
 @pytest.mark.slow

@@ -3,14 +3,13 @@ the resume command, gated and unreachable hubs, and running as a notebook."""
 import json
 import os
 import re
-import sys
 import time
 
 import pytest
 
 import dpo_llama2_stackexchange as dpo
 import ppo_gpt2_imdb as ppo
-from helpers import DPO_SCRIPT, PPO_SCRIPT, REPO, run_cli, tiny_argv
+from helpers import DPO_SCRIPT, PPO_SCRIPT, REPO, run_cli
 
 SCRIPTS = [(PPO_SCRIPT, ppo), (DPO_SCRIPT, dpo)]
 
@@ -150,7 +149,7 @@ def test_run_all_in_a_jupyter_kernel_trains_with_the_constants_as_edited(script,
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": REPO}}).execute()
     printed = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
-    assert f"preset tiny changes: " in printed and replaced in printed and "=== Held-out" in printed
+    assert "preset tiny changes: " in printed and replaced in printed and "=== Held-out" in printed
     result = json.loads((out / "eval.json").read_text())
     first, last = ("reference", "trained") if script == PPO_SCRIPT else ("base", "trained")
     assert result["args"]["output_dir"] == str(out) and result["args"]["report_to"] == "none"
