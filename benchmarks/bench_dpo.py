@@ -15,13 +15,13 @@ import random
 import shutil
 import tempfile
 
-from common import (benchmark_parser, measure_variants, mfu, parameter_count, parse_benchmark_args, record,
-                    run_script)
+from common import (benchmark_parser, fill_vocabulary, measure_variants, mfu, parameter_count, parse_benchmark_args,
+                    record, run_script)
 
 
 def build_shape_faithful_model(directory: str, num_layers: int, device: str, pair_tokens: int, lengths: str):
-    """Random Llama-2-7B (vocab 32000, hidden 4096, 32 layers) in bf16, a Llama-style tokenizer, and pairs long
-    enough that prompt + answer reach `pair_tokens` tokens."""
+    """Random Llama-2-7B (vocab 32000, hidden 4096, 32 layers) in bf16, the tiny Llama-style tokenizer (filled up to
+    32000 ids), and pairs long enough that prompt + answer reach `pair_tokens` tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -38,6 +38,7 @@ def build_shape_faithful_model(directory: str, num_layers: int, device: str, pai
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(os.path.join(directory, "llama2-7b"))
     tokenizer.save_pretrained(os.path.join(directory, "llama2-7b"))
+    fill_vocabulary(os.path.join(directory, "llama2-7b"), config.vocab_size)
     del model
     # "full": pairs whose prompt + answer + EOS fill just under `pair_tokens`, so every step runs at (about) the
     # full length. "spread": lengths spread like real Stack Exchange pairs, many short and a tail to the limit

@@ -24,12 +24,13 @@ import os
 import shutil
 import tempfile
 
-from common import (benchmark_parser, measure_variants, mfu, parameter_count, parse_benchmark_args, record,
-                    run_script)
+from common import (benchmark_parser, fill_vocabulary, measure_variants, mfu, parameter_count, parse_benchmark_args,
+                    record, run_script)
 
 
 def build_shape_faithful_models(directory: str):
-    """Random-weight GPT-2 124M (vocab 50257) and DistilBERT 66M, with the tiny preset's tokenizers and reviews."""
+    """Random-weight GPT-2 124M (vocab 50257) and DistilBERT 66M, with the tiny preset's tokenizers (filled up to
+    the real vocabulary sizes) and reviews."""
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                               DistilBertConfig, GPT2Config)
@@ -41,11 +42,13 @@ def build_shape_faithful_models(directory: str):
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config())  # the `gpt2` checkpoint's shape: 124M parameters
     gpt2.save_pretrained(os.path.join(directory, "gpt2"))
     AutoTokenizer.from_pretrained(os.path.join(directory, "tiny", "gpt2")).save_pretrained(os.path.join(directory, "gpt2"))
+    fill_vocabulary(os.path.join(directory, "gpt2"), gpt2.config.vocab_size)
     bert = AutoModelForSequenceClassification.from_config(DistilBertConfig(
         id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}))
     bert.save_pretrained(os.path.join(directory, "distilbert"))
     AutoTokenizer.from_pretrained(os.path.join(directory, "tiny", "distilbert")).save_pretrained(
         os.path.join(directory, "distilbert"))
+    fill_vocabulary(os.path.join(directory, "distilbert"), bert.config.vocab_size)
 
 
 # TRL's example on one GPU (examples/scripts/ppo/ppo.py, its first command): 64 prompts per update in one

@@ -102,6 +102,26 @@ def mfu(flops_per_second: float) -> Optional[float]:
     return round(flops_per_second / peak, 4) if peak else None
 
 
+def fill_vocabulary(directory: str, vocab_size: int):
+    """Give the tokenizer saved in `directory` `vocab_size` ids, as the real model's has. The benchmarks pair the
+    tiny builders' tokenizers (a few hundred tokens; real vocabularies cannot be downloaded here) with models of real
+    shape, and the scripts rightly refuse a tokenizer far smaller than its model's embedding table. The added
+    tokens ("x1234") are in no merge rule, so text tokenizes as before; a sampled id decodes to a short word."""
+    path = os.path.join(directory, "tokenizer.json")
+    with open(path) as handle:
+        data = json.load(handle)
+    vocab = data["model"]["vocab"]
+    taken = set(vocab.values()) | {token["id"] for token in data["added_tokens"]}
+    for token_id in range(vocab_size):
+        if token_id not in taken:
+            name = f"x{token_id}"
+            while name in vocab:
+                name += "_"
+            vocab[name] = token_id
+    with open(path, "w") as handle:
+        json.dump(data, handle, ensure_ascii=False)
+
+
 def parameter_count(model_dir: str, classifier: bool = False) -> int:
     """Parameters of a saved model, counted from its config on the meta device (no weights are read)."""
     import torch

@@ -103,3 +103,40 @@ def test_step_timer_records_one_interval_per_optimizer_step(dpo_assets, tmp_path
     assert completed.returncode == 0, completed.stderr[-2000:]
     steps = json.loads(out.read_text())["step_seconds"]
     assert len(steps) == 4 and all(seconds > 0 for seconds in steps)
+
+
+@pytest.mark.slow
+def test_shape_faithful_ppo_models_pass_the_scripts_own_loading_checks(ppo_assets, tmp_path):
+    """The GPU benchmark's GPT-2 and DistilBERT of real shape get the tiny tokenizers filled up to their real
+    vocabularies (50257, 30522): the script's check refused the bare tiny ones (591 tokens for 50257 embeddings)
+    before any update ran. Filling changes no tokenization; a filler id decodes to a short word."""
+    from transformers import AutoTokenizer
+
+    import bench_ppo
+    import ppo_gpt2_imdb as ppo
+
+    os.symlink(ppo_assets, tmp_path / "tiny")
+    bench_ppo.build_shape_faithful_models(str(tmp_path))
+    args = ppo.parse_args(["--model_name_or_path", str(tmp_path / "gpt2"), "--reward_model_name_or_path",
+                           str(tmp_path / "distilbert"), "--device", "cpu"])
+    policy_tokenizer = ppo.load_policy_tokenizer(args)
+    reward = ppo.load_reward_model(args, policy_tokenizer)
+    assert len(reward.backbone.classifier_tokenizer) == 30522 and len(policy_tokenizer) >= 50257
+    tiny = AutoTokenizer.from_pretrained(tmp_path / "tiny" / "gpt2")
+    text = "The acting was superb, even moving."
+    assert policy_tokenizer(text)["input_ids"] == tiny(text)["input_ids"]
+    assert policy_tokenizer.decode([50000]).strip() == "x50000"
+    assert reward.backbone.score_token_rows([[50000, 1000]]).shape == (1,)
+
+
+@pytest.mark.slow
+def test_shape_faithful_llama_passes_the_dpo_scripts_own_loading_checks(dpo_assets, tmp_path):
+    """The same for the DPO benchmark's Llama-2-7B shape (one layer here; 32000 ids)."""
+    import bench_dpo
+    import dpo_llama2_stackexchange as dpo
+
+    os.symlink(dpo_assets, tmp_path / "tiny")
+    bench_dpo.build_shape_faithful_model(str(tmp_path), 1, "cpu", 64, "full")
+    tokenizer = dpo.load_checked_tokenizer(str(tmp_path / "llama2-7b"), "model_name_or_path")
+    assert len(tokenizer) == 32000
+    assert tokenizer.decode([31000]).strip() == "x31000"
