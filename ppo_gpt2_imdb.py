@@ -506,7 +506,7 @@ class SentimentPPOTrainer(PPOTrainer):
             self.args.num_total_batches = self.total_updates - self.updates_done  # TRL's loop runs this many
         self.add_callback(self.checkpoints)
         self.dataloader = self.timed(ResumableBatches(
-            self.train_dataset, self.args.local_batch_size, DataCollatorWithPadding(self.processing_class),
+            self.train_dataset, self.args.local_batch_size, prompt_collator(self.processing_class, settings),
             settings.seed, self.accelerator.process_index, self.accelerator.num_processes, self.updates_done))
         self.phase_seconds = {"rollout": [], "optimisation": []}  # one entry per update, in order
         self.phase_started = {}
@@ -685,6 +685,15 @@ def save_outputs(trainer, tokenizer, args: Args):
             unwrapped.policy.push_to_hub(repo)
             tokenizer.push_to_hub(repo)
     trainer.accelerator.wait_for_everyone()
+
+
+def prompt_collator(tokenizer, args: Args):
+    """Pads each batch of prompts to its longest; compiled code (--compile_ppo_epochs, --static_cache_generation)
+    gets every batch at --prompt_max_tokens instead, so that its shapes never change: a batch whose prompts all
+    come out shorter would otherwise compile once more (with dynamic shapes), mid-run."""
+    if args.compile_ppo_epochs or args.static_cache_generation:
+        return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.prompt_max_tokens)
+    return DataCollatorWithPadding(tokenizer)
 
 
 def compile_ppo_epochs(wrapper, mode: str):

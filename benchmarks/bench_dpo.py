@@ -68,9 +68,9 @@ def build_shape_faithful_model(directory: str, num_layers: int, device: str, pai
 
 
 def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_llama2_stackexchange.py",
-            profile: bool = False) -> dict:
-    """Run `script` once with the given flags; record and return the row. `profile`: also profile step
-    --profile_step into WORK/NAME.profile.txt."""
+            profile: bool = True) -> dict:
+    """Run `script` once with the given flags; record and return the row. With --profile_step (and `profile`), a
+    second, shorter run profiles that step (WORK/NAME.profile.txt) and the row gets its counts."""
     output_dir = os.path.join(work, name)
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none", "--eval_steps",
@@ -88,8 +88,16 @@ def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_lla
                     "--max_new_tokens", "4", "--per_device_eval_batch_size", "1", "--warmup_steps", "1"]
         if args.device == "cpu":
             command += ["--optim", "adamw_torch"]
-    profile_to = f"{args.profile_step}:{output_dir}.profile.txt" if profile and args.profile_step else ""
-    measured = run_script(command + flags, profile_to)  # later flags win
+    measured = run_script(command + flags)  # later flags win
+    counts = {}
+    if profile and args.profile_step:
+        profiled_dir, profile_file = output_dir + "-profiled", output_dir + ".profile.txt"
+        shutil.rmtree(profiled_dir, ignore_errors=True)
+        if os.path.exists(profile_file):
+            os.remove(profile_file)  # never a stale one from an earlier run
+        profiled = run_script([*command, "--output_dir", profiled_dir, "--max_steps", str(args.profile_step), *flags],
+                              f"{args.profile_step}:{profile_file}")
+        counts = profiled["profiled_step_counts"]
     result = json.load(open(os.path.join(output_dir, "eval.json")))
     run_args = result["args"]
     pairs_per_step = run_args["per_device_train_batch_size"] * run_args["gradient_accumulation_steps"]
@@ -103,6 +111,8 @@ def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_lla
     figures = {"wall_seconds": measured["wall_seconds"], "peak_rss_gib": measured["peak_rss_gib"],
                "first_step_seconds": measured["first_step_seconds"], "steady_seconds_per_step": steady,
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"], "first_loss": measured["first_loss"],
+               "operations_per_step": counts.get("operations"),
+               "kernel_launches_per_step": counts.get("kernel_launches"),
                "accuracy_base": round(result["base"]["accuracy"], 3),
                "accuracy_trained": round(result["trained"]["accuracy"], 3)}
     if args.arch != "tiny":
@@ -149,7 +159,7 @@ def main():
         build_shape_faithful_model(work, args.num_layers, args.device, args.max_length, args.lengths)
     if args.baseline:  # first, so that the new script cannot warm anything up for it
         old = measure(args, work, "baseline", script_flags, os.path.join(args.baseline, "dpo_llama2_stackexchange.py"))
-    ours = measure(args, work, args.name, script_flags, profile=True)
+    ours = measure(args, work, args.name, script_flags)
     if args.baseline:
         compare(args, f"{args.name} vs baseline", ours, old)
     measure_variants("dpo", args, variants, lambda name, flags: measure(args, work, name, script_flags + flags),

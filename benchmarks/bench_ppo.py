@@ -61,9 +61,10 @@ TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches",
 
 
 def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py",
-            profile: bool = False) -> dict:
+            profile: bool = True) -> dict:
     """Run `script` once with `batch_size` prompts per update and the given flags; record and return the row.
-    `profile`: also profile update --profile_step into WORK/NAME.profile.txt."""
+    With --profile_step (and `profile`), a second, shorter run profiles that update (WORK/NAME.profile.txt) and
+    the row gets its counts."""
     output_dir = os.path.join(work, name)
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
@@ -74,10 +75,17 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
         command += ["--model_name_or_path", os.path.join(work, "gpt2"),
                     "--reward_model_name_or_path", os.path.join(work, "distilbert"),
                     "--dataset_name", os.path.join(work, "tiny", "reviews"), "--num_eval_prompts", "16"]
-    if args.updates or args.arch == "gpt2":
-        command += ["--total_episodes", str((args.updates or 5) * batch_size)]
-    profile_to = f"{args.profile_step}:{output_dir}.profile.txt" if profile and args.profile_step else ""
-    measured = run_script(command + flags, profile_to)  # later flags win
+    measured = run_script(command + episodes(args.updates or (5 if args.arch == "gpt2" else None), batch_size)
+                          + flags)  # later flags win
+    counts = {}
+    if profile and args.profile_step:
+        profiled_dir, profile_file = output_dir + "-profiled", output_dir + ".profile.txt"
+        shutil.rmtree(profiled_dir, ignore_errors=True)
+        if os.path.exists(profile_file):
+            os.remove(profile_file)  # never a stale one from an earlier run
+        profiled = run_script([*command, "--output_dir", profiled_dir, *episodes(args.profile_step, batch_size), *flags],
+                              f"{args.profile_step}:{profile_file}")
+        counts = profiled["profiled_step_counts"]
     result = json.load(open(os.path.join(output_dir, "eval.json")))
     run_args = result["args"]
     settings = {"arch": args.arch, "device": args.device, "layout": name, "batch_size": run_args["batch_size"],
@@ -98,11 +106,17 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
                # A pass over IMDB's training reviews (about 195 updates of 128), warm-up and compilation included.
                "full_pass_seconds": round(measured["first_step_seconds"] + (FULL_PASS_PROMPTS / samples - 1) * steady, 1),
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
+               "operations_per_update": counts.get("operations"),
+               "kernel_launches_per_update": counts.get("kernel_launches"),
                "policy_ratio_error": result.get("policy_ratio_error"),
                "mfu": mfu(ppo_flops_per_update(work, args.arch, run_args) / steady) if args.arch != "tiny" else None,
                "reward_reference": round(result["reference"]["reward_mean"], 3),
                "reward_trained": round(result["trained"]["reward_mean"], 3)}
     return record("ppo", settings, figures)
+
+
+def episodes(updates, batch_size: int) -> list:
+    return ["--total_episodes", str(updates * batch_size)] if updates else []
 
 
 FULL_PASS_PROMPTS = 195 * 128  # IMDB's 25,000 training reviews less those of 200 characters or fewer
@@ -142,8 +156,9 @@ def main():
         build_shape_faithful_models(work)
     batch = args.batch_size or (32 if args.arch == "tiny" else 128)
     if args.baseline:  # first, so that the new script cannot warm anything up for it
-        old = measure(args, work, "baseline", batch, script_flags, os.path.join(args.baseline, "ppo_gpt2_imdb.py"))
-    ours = measure(args, work, args.name, batch, script_flags, profile=True)
+        old = measure(args, work, "baseline", batch, script_flags, os.path.join(args.baseline, "ppo_gpt2_imdb.py"),
+                      profile=False)
+    ours = measure(args, work, args.name, batch, script_flags)
     if args.baseline:
         compare(args, f"{args.name} vs baseline", ours, old)
     measure_variants("ppo", args, variants, lambda name, flags: measure(args, work, name, batch, script_flags + flags),

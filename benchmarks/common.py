@@ -28,8 +28,9 @@ def benchmark_parser(doc: str, script: str, archs: list) -> argparse.ArgumentPar
     parser.add_argument("--name", default="script-defaults", help="the layout name of the main row")
     parser.add_argument("--work_dir", default=None, help="where models and outputs go (default: a temp dir)")
     parser.add_argument("--profile_step", type=int, default=None,
-                        help="also profile this step (2 or later) of the main row with torch.profiler: operations "
-                             "ranked by GPU and CPU time, in WORK_DIR/NAME.profile.txt")
+                        help="also run each layout (not the baseline) once more, up to this step (2 or later), and "
+                             "profile that step: operations ranked by GPU and CPU time in WORK_DIR/NAME.profile.txt, "
+                             "their count in the row (whose timings come from the unprofiled run)")
     return parser
 
 
@@ -86,7 +87,8 @@ def run_script(command: list[str], profile: str = "") -> dict:
         with open(times) as handle:
             steps = json.load(handle)
     return {"wall_seconds": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
-            **steady(steps["step_seconds"]), "first_loss": steps["first_loss"]}
+            **steady(steps["step_seconds"]), "first_loss": steps["first_loss"],
+            "profiled_step_counts": steps.get("profiled_step_counts") or {}}
 
 
 # Dense bf16 tensor-core peak by the vendors' datasheets (SXM parts), for model FLOPs utilisation. Measured on an
@@ -158,10 +160,10 @@ def measure_variants(benchmark: str, args, variants: list, measure_one, baseline
     for name, flags in variants:
         try:
             row = measure_one(name, flags)
-        except SystemExit as failed:
-            output = str(failed)
+        except (SystemExit, Exception) as failed:  # a failed run (SystemExit), or a run that left no usable result
+            output = str(failed).strip() or repr(failed)
             # The scripts' own paragraph ("error: ..."), else the last line (a traceback's exception).
-            reason = output[output.rfind("error:"):] if "error:" in output else output.strip().splitlines()[-1]
+            reason = output[output.rfind("error:"):] if "error:" in output else output.splitlines()[-1]
             print(f"variant {name} failed: {output}", flush=True)
             record(benchmark, {"arch": args.arch, "device": args.device, "layout": name, "flags": " ".join(flags)},
                    {"failed": " ".join(reason.split())[:300]})

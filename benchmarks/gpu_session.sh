@@ -3,15 +3,19 @@
 # BASELINE_DIR (default .old: `git archive <commit> ppo_gpt2_imdb.py dpo_llama2_stackexchange.py | tar -x -C .old`),
 # measured in the same call, plus each lever against the current defaults. One call per group fits the 10-minute
 # limit of a call:
-#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 5 min
-#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 7 min; carry the liger-kernel wheel
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 7 min
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 6 min; carry the liger-kernel wheel
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
 # Each part runs on its own (a failed variant gets a row saying why, and the rest still runs); a part that cannot
-# finish before DEADLINE seconds (default 570) is skipped, not cut off. Logs, JSON lines, profiles and the
-# RESULTS.md rows land in $OUT after every part.
+# finish before DEADLINE seconds (default 570) is skipped, not cut off. Logs, JSON lines, profiles (named
+# GROUP-LAYOUT.profile.txt) and the RESULTS.md rows land in $OUT after every part.
 set -u
 BASELINE=${1:-.old}
-GROUP=${2:-all}
+GROUP=${2:-}
+if [[ $GROUP != ppo && $GROUP != dpo ]]; then
+  echo "usage: bash benchmarks/gpu_session.sh BASELINE_DIR ppo|dpo   (one group per call: each fits one call's limit)"
+  exit 2
+fi
 DEADLINE=${DEADLINE:-570}
 OUT=${OUT:-/tmp/gpu_session}
 W=/tmp/bench_work
@@ -30,14 +34,18 @@ for line in sys.stdin:
     row=json.loads(line); print('  ', row['settings'].get('layout', row['settings'].get('comparison')), row['figures'])"
   tail -n 3 "$OUT/$name.log" | grep -i -E "error|Traceback" | head -n 3
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
-  cp "$W"/*/*.profile.txt "$OUT/" 2>/dev/null
+  local profile
+  for profile in "$W"/*/*.profile.txt; do
+    [[ -e $profile ]] && cp -f "$profile" "$OUT/$(basename "$(dirname "$profile")")-$(basename "$profile")"
+  done
 }
 
-if [[ $GROUP == ppo || $GROUP == all ]]; then
+if [[ $GROUP == ppo ]]; then
   # GPT-2 124M + DistilBERT 66M shapes, 12 updates of 128. The compiled variants run in this order on a machine
   # whose inductor cache starts empty: `compile` pays a cold compilation, `compile-warm` the cached one that a
-  # user's later runs pay. Update 3 of the defaults is profiled (operations ranked by GPU and CPU time).
-  part ppo 330 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
+  # user's later runs pay. Each layout but the baseline runs once more, 3 updates, to profile update 3
+  # (operations ranked by GPU and CPU time, kernel launches); the timed runs are not profiled.
+  part ppo 450 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --baseline "$BASELINE" --profile_step 3 \
     --variant "compile: --compile_ppo_epochs default" \
     --variant "compile-warm: --compile_ppo_epochs default" \
@@ -45,12 +53,12 @@ if [[ $GROUP == ppo || $GROUP == all ]]; then
     --variant "compile-cudagraphs: --compile_ppo_epochs reduce-overhead"
 fi
 
-if [[ $GROUP == dpo || $GROUP == all ]]; then
+if [[ $GROUP == dpo ]]; then
   # Llama-2-7B shapes in NF4 + LoRA at length 1024; the defaults use Liger's fused loss where it is installed.
   part dpo 240 python3 benchmarks/bench_dpo.py --arch llama2-7b --device cuda --steps 3 --batch_size 4 \
-    --gradient_accumulation_steps 4 --work_dir "$W/dpo" --baseline "$BASELINE" --profile_step 2 \
+    --gradient_accumulation_steps 4 --work_dir "$W/dpo" --baseline "$BASELINE" \
     --variant "no-liger: --use_liger_kernel false"
-  part dpo_spread_lengths 110 python3 benchmarks/bench_dpo.py --arch llama2-7b --device cuda --steps 5 --batch_size 4 \
+  part dpo_spread_lengths 190 python3 benchmarks/bench_dpo.py --arch llama2-7b --device cuda --steps 5 --batch_size 4 \
     --gradient_accumulation_steps 4 --lengths spread --work_dir "$W/dpo_spread" --baseline "$BASELINE" \
     --name spread-lengths
   part dpo_batch1 70 python3 benchmarks/bench_dpo.py --arch llama2-7b --device cuda --steps 3 --batch_size 1 \

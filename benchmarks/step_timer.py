@@ -6,7 +6,12 @@ the first logged loss. The benchmarks time the current scripts and older copies 
 measured alike without either having to record it.
 
 With STEP_TIMER_PROFILE=N:PATH in the environment, step N (2 or later: the first one warms up) also runs under
-torch.profiler, and PATH gets its operations ranked by GPU time and by CPU time: where an update's time goes."""
+torch.profiler, and PATH gets its operations ranked by GPU time and by CPU time: where an update's time goes. The
+profile counts the step's PyTorch operations called from Python or autograd (compiled regions count only the
+library calls they make) and, on a GPU, its kernel launches (a CUDA graph replay counts as one): at GPT-2 size an
+update is bound by these counts, not by FLOPs. Profiling slows that step, the next (which writes the table) and,
+measured at GPT-2 size, the later ones too (its retained memory): the benchmarks profile in a run of their own and
+time only unprofiled runs."""
 import json
 import os
 import runpy
@@ -21,6 +26,7 @@ class StepTimer(TrainerCallback):
         self.path, self.marks, self.first_loss = path, [], None
         step, _, self.profile_path = profile.partition(":")
         self.profile_step, self.profiler = int(step) if step else None, None
+        self.counts = {}  # operations and kernel launches of the profiled step
 
     @staticmethod
     def now() -> float:
@@ -40,7 +46,9 @@ class StepTimer(TrainerCallback):
             self.profiler = profile_one_step()
         elif self.profiler is not None and steps_done == self.profile_step:
             self.profiler.__exit__(None, None, None)
-            write_profile(self.profiler, self.profile_path, self.profile_step, self.marks[-1] - self.marks[-2])
+            self.counts = count_events(self.profiler)
+            write_profile(self.profiler, self.profile_path, self.profile_step, self.marks[-1] - self.marks[-2],
+                          self.counts)
             self.profiler = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -49,8 +57,29 @@ class StepTimer(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         steps = [round(b - a, 4) for a, b in zip(self.marks, self.marks[1:])]
+        if self.profile_step and not self.counts:
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+            with open(self.profile_path, "w") as handle:
+                handle.write(f"No profile: training ended after {len(steps)} steps, before step {self.profile_step}.\n")
         with open(self.path, "w") as handle:
-            json.dump({"step_seconds": steps, "first_loss": self.first_loss}, handle)
+            json.dump({"step_seconds": steps, "first_loss": self.first_loss, "profiled_step_counts": self.counts},
+                      handle)
+
+
+def count_events(profiler) -> dict:
+    """PyTorch operations called from Python or autograd (aten events whose parent is not an aten event), and on a
+    GPU the kernel launches (CUDA runtime launch events; a CUDA graph replay is one)."""
+    import torch
+
+    operations = launches = 0
+    for event in profiler.events():
+        parent = event.cpu_parent
+        if event.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::")):
+            operations += 1
+        if "LaunchKernel" in event.name or event.name == "cudaGraphLaunch":
+            launches += 1
+    return {"operations": operations, "kernel_launches": launches if torch.cuda.is_available() else None}
 
 
 def profile_one_step():
@@ -63,11 +92,13 @@ def profile_one_step():
     return profiler
 
 
-def write_profile(profiler, path: str, step: int, seconds: float):
+def write_profile(profiler, path: str, step: int, seconds: float, counts: dict):
     import torch
 
     averages = profiler.key_averages()
-    tables = [f"Step {step}: {seconds:.4f} s of wall time (profiled, so slower than unprofiled steps)."]
+    launches = f", {counts['kernel_launches']} kernel launches" if counts["kernel_launches"] is not None else ""
+    tables = [f"Step {step}: {seconds:.4f} s of wall time (profiled, so slower than unprofiled steps); "
+              f"{counts['operations']} PyTorch operations{launches}."]
     if torch.cuda.is_available():
         tables += ["\nBy GPU time:", averages.table(sort_by="self_device_time_total", row_limit=30)]
     tables += ["\nBy CPU time:", averages.table(sort_by="self_cpu_time_total", row_limit=30)]

@@ -22,6 +22,51 @@ def test_record_prints_one_json_line_and_appends_a_row(tmp_path, monkeypatch, ca
     assert len(rows) == 2 and "seconds_per_update=0.66" in rows[0] and "| dpo |" in rows[1]
 
 
+def test_step_timer_profiles_one_step_and_records_which_steps_it_cost(tmp_path):
+    """The profiled step's operations are counted (here two randn and one matmul per step: the operations they
+    call inside are not); a run that ends before the asked step says so in the profile file."""
+    import torch
+    from step_timer import StepTimer
+
+    def drive(steps: int, profile: str) -> dict:
+        timer = StepTimer(str(tmp_path / "steps.json"), profile)
+        timer.on_train_begin(None, None, None)
+        for _ in range(steps):
+            torch.randn(64, 64) @ torch.randn(64, 64)
+            timer.on_step_end(None, None, None)
+        timer.on_train_end(None, None, None)
+        return json.loads((tmp_path / "steps.json").read_text())
+
+    recorded = drive(5, f"2:{tmp_path / 'profile.txt'}")
+    assert len(recorded["step_seconds"]) == 5
+    assert recorded["profiled_step_counts"] == {"operations": 3, "kernel_launches": None}
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.startswith("Step 2: ") and "; 3 PyTorch operations." in profile and "aten::mm" in profile
+    assert drive(2, f"4:{tmp_path / 'late.txt'}")["profiled_step_counts"] == {}
+    assert (tmp_path / "late.txt").read_text().startswith("No profile: training ended after 2 steps, before step 4")
+
+
+def test_a_failing_variant_gets_a_row_saying_why_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path / "RESULTS.md"))
+    args = type("Args", (), {"arch": "tiny", "device": "cpu"})()
+    failures = {"exits": SystemExit("benchmark run failed: python x.py\nerror: --compile_ppo_epochs must be one\nof"),
+                "no-result": FileNotFoundError("eval.json"), "silent": SystemExit("")}
+
+    def measure_one(name, flags):
+        if name in failures:
+            raise failures[name]
+        return {"figures": {"seconds": 1.0}}
+
+    compared = []
+    rows = common.measure_variants("ppo", args, [(name, ["--x"]) for name in [*failures, "works"]], measure_one,
+                                   {"figures": {"seconds": 2.0}}, lambda name, new, old: compared.append(name))
+    assert rows == [{"figures": {"seconds": 1.0}}] and compared == ["works vs baseline"]
+    failed = {row["settings"]["layout"]: row["figures"]["failed"] for row in map(
+        json.loads, (line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))}
+    assert failed == {"exits": "error: --compile_ppo_epochs must be one of", "no-result": "eval.json",
+                      "silent": "SystemExit('')"}
+
+
 @pytest.mark.slow
 def test_run_script_measures_wall_time_and_peak_memory_of_the_child(tmp_path):
     script = tmp_path / "allocate.py"
@@ -45,7 +90,8 @@ def run_benchmark(module_name: str, argv: list, tmp_path, monkeypatch, capsys) -
 def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_example_layout(
         ppo_assets, tmp_path, monkeypatch, capsys):
     """The baseline here is the script itself (copied): the point is the bookkeeping, not a speed-up. A variant
-    that fails gets a row saying why, and the rest still runs; --profile_step writes the profiled update's table."""
+    that fails gets a row saying why, and the rest still runs; --profile_step profiles update 2 in a run of its own
+    (the timed run is never profiled) and puts its operation count in the row."""
     import shutil
 
     os.symlink(ppo_assets, tmp_path / "tiny")  # the tiny models, already built
@@ -57,6 +103,9 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
     assert broken["settings"]["layout"] == "broken" and "must be one of" in broken["figures"]["failed"]
     profile = (tmp_path / "script-defaults.profile.txt").read_text()
     assert profile.startswith("Step 2: ") and "By CPU time" in profile and "aten::" in profile
+    assert ours["figures"]["operations_per_update"] > 1000 and old["figures"]["operations_per_update"] is None
+    assert ours["settings"]["updates"] == 3 and json.loads((tmp_path / "script-defaults-profiled" / "eval.json")
+                                                            .read_text())["updates"] == 2
     assert old["settings"]["layout"] == "baseline" and ours["settings"]["layout"] == "script-defaults"
     assert ours["settings"]["batch_size"] == 32 and ours["settings"]["num_mini_batches"] == 2
     assert theirs["settings"]["batch_size"] == 64 and theirs["settings"]["micro_batch"] == 64
