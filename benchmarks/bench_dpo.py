@@ -15,8 +15,8 @@ import random
 import shutil
 import tempfile
 
-from common import (benchmark_parser, fill_vocabulary, measure_variants, mfu, parameter_count, parse_benchmark_args,
-                    record, run_script)
+from common import (benchmark_parser, fill_vocabulary, measure_layouts, mfu, parameter_count, parse_benchmark_args,
+                    profile_layouts, record, run_script)
 
 
 def build_shape_faithful_model(directory: str, num_layers: int, device: str, pair_tokens: int, lengths: str):
@@ -67,12 +67,8 @@ def build_shape_faithful_model(directory: str, num_layers: int, device: str, pai
             handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_llama2_stackexchange.py",
-            profile: bool = True) -> dict:
-    """Run `script` once with the given flags; record and return the row. With --profile_step (and `profile`), a
-    second, shorter run profiles that step (WORK/NAME.profile.txt) and the row gets its counts."""
-    output_dir = os.path.join(work, name)
-    shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
+def script_command(args, work: str, output_dir: str, script: str) -> list:
+    """The command line of one run (flags added after it win)."""
     command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none", "--eval_steps",
                "0", "--save_steps", "0", "--logging_steps", "1"]
     if args.arch == "tiny":
@@ -88,16 +84,22 @@ def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_lla
                     "--max_new_tokens", "4", "--per_device_eval_batch_size", "1", "--warmup_steps", "1"]
         if args.device == "cpu":
             command += ["--optim", "adamw_torch"]
-    measured = run_script(command + flags)  # later flags win
-    counts = {}
-    if profile and args.profile_step:
-        profiled_dir, profile_file = output_dir + "-profiled", output_dir + ".profile.txt"
-        shutil.rmtree(profiled_dir, ignore_errors=True)
-        if os.path.exists(profile_file):
-            os.remove(profile_file)  # never a stale one from an earlier run
-        profiled = run_script([*command, "--output_dir", profiled_dir, "--max_steps", str(args.profile_step), *flags],
-                              f"{args.profile_step}:{profile_file}")
-        counts = profiled["profiled_step_counts"]
+    return command
+
+
+def profiled_run(args, work: str, name: str, flags: list[str], profile: str) -> dict:
+    """A run of `name`'s layout up to step --profile_step, with that step profiled (see step_timer.py)."""
+    output_dir = os.path.join(work, f"{name}-profiled")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    command = script_command(args, work, output_dir, "dpo_llama2_stackexchange.py")
+    return run_script(command + flags + ["--max_steps", str(args.profile_step)], profile)
+
+
+def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_llama2_stackexchange.py") -> dict:
+    """Run `script` once with the given flags; record and return the row."""
+    output_dir = os.path.join(work, name)
+    shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
+    measured = run_script(script_command(args, work, output_dir, script) + flags)  # later flags win
     result = json.load(open(os.path.join(output_dir, "eval.json")))
     run_args = result["args"]
     pairs_per_step = run_args["per_device_train_batch_size"] * run_args["gradient_accumulation_steps"]
@@ -111,8 +113,6 @@ def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_lla
     figures = {"wall_seconds": measured["wall_seconds"], "peak_rss_gib": measured["peak_rss_gib"],
                "first_step_seconds": measured["first_step_seconds"], "steady_seconds_per_step": steady,
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"], "first_loss": measured["first_loss"],
-               "operations_per_step": counts.get("operations"),
-               "kernel_launches_per_step": counts.get("kernel_launches"),
                "accuracy_base": round(result["base"]["accuracy"], 3),
                "accuracy_trained": round(result["trained"]["accuracy"], 3)}
     if args.arch != "tiny":
@@ -154,17 +154,19 @@ def main():
                         help="llama2-7b: every pair at the full length, or lengths spread like real pairs")
     parser.add_argument("--num_layers", type=int, default=32, help="llama2-7b depth (32 is the real model)")
     args, script_flags, variants = parse_benchmark_args(parser)
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_dpo_")
+    work = args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_dpo_")
     if args.arch != "tiny" and not os.path.exists(os.path.join(work, "llama2-7b", "config.json")):
         build_shape_faithful_model(work, args.num_layers, args.device, args.max_length, args.lengths)
+    old = None
     if args.baseline:  # first, so that the new script cannot warm anything up for it
-        old = measure(args, work, "baseline", script_flags, os.path.join(args.baseline, "dpo_llama2_stackexchange.py"))
-    ours = measure(args, work, args.name, script_flags)
-    if args.baseline:
-        compare(args, f"{args.name} vs baseline", ours, old)
-    measure_variants("dpo", args, variants, lambda name, flags: measure(args, work, name, script_flags + flags),
-                     old if args.baseline else None, lambda name, new, base: compare(args, name, new, base))
-
+        old = measure_layouts("dpo", args, [("baseline", script_flags)], lambda name, flags: measure(
+            args, work, name, flags, os.path.join(args.baseline, "dpo_llama2_stackexchange.py"))).get("baseline")
+    layouts = [(args.name, script_flags)] + [(name, script_flags + flags) for name, flags in variants]
+    measure_layouts("dpo", args, layouts, lambda name, flags: measure(args, work, name, flags), old,
+                    lambda name, new, base: compare(args, name, new, base))
+    if args.profile_step:  # last: the timed rows are in even if time runs out here
+        profile_layouts("dpo", args, layouts, lambda name, flags, profile: profiled_run(args, work, name, flags,
+                                                                                        profile))
 
 def compare(args, name: str, new: dict, old: dict) -> dict:
     """One row with the ratios of two rows measured in this invocation (new over old)."""

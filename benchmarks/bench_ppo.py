@@ -24,8 +24,8 @@ import os
 import shutil
 import tempfile
 
-from common import (benchmark_parser, fill_vocabulary, measure_variants, mfu, parameter_count, parse_benchmark_args,
-                    record, run_script)
+from common import (benchmark_parser, fill_vocabulary, measure_layouts, mfu, parameter_count, parse_benchmark_args,
+                    profile_layouts, record, run_script)
 
 
 def build_shape_faithful_models(directory: str):
@@ -60,13 +60,8 @@ TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches",
                      "--free_memory_each_update", "true"]
 
 
-def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py",
-            profile: bool = True) -> dict:
-    """Run `script` once with `batch_size` prompts per update and the given flags; record and return the row.
-    With --profile_step (and `profile`), a second, shorter run profiles that update (WORK/NAME.profile.txt) and
-    the row gets its counts."""
-    output_dir = os.path.join(work, name)
-    shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
+def script_command(args, work: str, output_dir: str, batch_size: int, updates, script: str) -> list:
+    """The command line of one run (flags added after it win)."""
     command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
                "--sample_every", "0", "--save_steps", "0", "--batch_size", str(batch_size)]
     if args.arch == "tiny":
@@ -75,17 +70,23 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
         command += ["--model_name_or_path", os.path.join(work, "gpt2"),
                     "--reward_model_name_or_path", os.path.join(work, "distilbert"),
                     "--dataset_name", os.path.join(work, "tiny", "reviews"), "--num_eval_prompts", "16"]
-    measured = run_script(command + episodes(args.updates or (5 if args.arch == "gpt2" else None), batch_size)
-                          + flags)  # later flags win
-    counts = {}
-    if profile and args.profile_step:
-        profiled_dir, profile_file = output_dir + "-profiled", output_dir + ".profile.txt"
-        shutil.rmtree(profiled_dir, ignore_errors=True)
-        if os.path.exists(profile_file):
-            os.remove(profile_file)  # never a stale one from an earlier run
-        profiled = run_script([*command, "--output_dir", profiled_dir, *episodes(args.profile_step, batch_size), *flags],
-                              f"{args.profile_step}:{profile_file}")
-        counts = profiled["profiled_step_counts"]
+    return command + (["--total_episodes", str(updates * batch_size)] if updates else [])
+
+
+def profiled_run(args, work: str, name: str, batch_size: int, flags: list[str], profile: str) -> dict:
+    """A run of `name`'s layout up to update --profile_step, with that update profiled (see step_timer.py)."""
+    output_dir = os.path.join(work, f"{name}-profiled")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return run_script(script_command(args, work, output_dir, batch_size, args.profile_step, "ppo_gpt2_imdb.py")
+                      + flags, profile)
+
+
+def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py") -> dict:
+    """Run `script` once with `batch_size` prompts per update and the given flags; record and return the row."""
+    output_dir = os.path.join(work, name)
+    shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
+    updates = args.updates or (5 if args.arch == "gpt2" else None)
+    measured = run_script(script_command(args, work, output_dir, batch_size, updates, script) + flags)
     result = json.load(open(os.path.join(output_dir, "eval.json")))
     run_args = result["args"]
     settings = {"arch": args.arch, "device": args.device, "layout": name, "batch_size": run_args["batch_size"],
@@ -106,17 +107,11 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
                # A pass over IMDB's training reviews (about 195 updates of 128), warm-up and compilation included.
                "full_pass_seconds": round(measured["first_step_seconds"] + (FULL_PASS_PROMPTS / samples - 1) * steady, 1),
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
-               "operations_per_update": counts.get("operations"),
-               "kernel_launches_per_update": counts.get("kernel_launches"),
                "policy_ratio_error": result.get("policy_ratio_error"),
                "mfu": mfu(ppo_flops_per_update(work, args.arch, run_args) / steady) if args.arch != "tiny" else None,
                "reward_reference": round(result["reference"]["reward_mean"], 3),
                "reward_trained": round(result["trained"]["reward_mean"], 3)}
     return record("ppo", settings, figures)
-
-
-def episodes(updates, batch_size: int) -> list:
-    return ["--total_episodes", str(updates * batch_size)] if updates else []
 
 
 FULL_PASS_PROMPTS = 195 * 128  # IMDB's 25,000 training reviews less those of 200 characters or fewer
@@ -151,24 +146,25 @@ def main():
     parser.add_argument("--compare_trl_example", action="store_true",
                         help="also measure TRL's one-GPU example layout on the same task and record the speed-up")
     args, script_flags, variants = parse_benchmark_args(parser)
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_ppo_")
+    work = args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_ppo_")
     if args.arch == "gpt2":
         build_shape_faithful_models(work)
     batch = args.batch_size or (32 if args.arch == "tiny" else 128)
+    old = None
     if args.baseline:  # first, so that the new script cannot warm anything up for it
-        old = measure(args, work, "baseline", batch, script_flags, os.path.join(args.baseline, "ppo_gpt2_imdb.py"),
-                      profile=False)
-    ours = measure(args, work, args.name, batch, script_flags)
-    if args.baseline:
-        compare(args, f"{args.name} vs baseline", ours, old)
-    measure_variants("ppo", args, variants, lambda name, flags: measure(args, work, name, batch, script_flags + flags),
-                     old if args.baseline else None, lambda name, new, base: compare(args, name, new, base))
-    if args.compare_trl_example:
+        old = measure_layouts("ppo", args, [("baseline", script_flags)], lambda name, flags: measure(
+            args, work, name, batch, flags, os.path.join(args.baseline, "ppo_gpt2_imdb.py"))).get("baseline")
+    layouts = [(args.name, script_flags)] + [(name, script_flags + flags) for name, flags in variants]
+    rows = measure_layouts("ppo", args, layouts, lambda name, flags: measure(args, work, name, batch, flags), old,
+                           lambda name, new, base: compare(args, name, new, base))
+    if args.compare_trl_example and args.name in rows:
         theirs = measure(args, work, "trl-example", TRL_EXAMPLE_BATCH, TRL_EXAMPLE_FLAGS + script_flags)
-        speedup = ours["figures"]["samples_per_second"] / theirs["figures"]["samples_per_second"]
+        speedup = rows[args.name]["figures"]["samples_per_second"] / theirs["figures"]["samples_per_second"]
         record("ppo", {"arch": args.arch, "device": args.device, "comparison": "script-defaults vs trl-example"},
                {"samples_per_second_ratio": round(speedup, 2), "target": 1.5, "met": speedup >= 1.5})
-
+    if args.profile_step:  # last: the timed rows are in even if time runs out here
+        profile_layouts("ppo", args, layouts,
+                        lambda name, flags, profile: profiled_run(args, work, name, batch, flags, profile))
 
 if __name__ == "__main__":
     main()

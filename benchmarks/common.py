@@ -153,22 +153,50 @@ def record(benchmark: str, settings: dict, figures: dict) -> dict:
     return row
 
 
-def measure_variants(benchmark: str, args, variants: list, measure_one, baseline: Optional[dict], compare) -> list:
-    """Measure each (name, flags) variant; with a baseline, add its ratio row. A variant that fails gets a row
-    saying so (its last line of output) and the others still run: a lever that breaks is a result too."""
-    rows = []
-    for name, flags in variants:
+def measure_layouts(benchmark: str, args, layouts: list, measure_one, baseline: Optional[dict] = None,
+                    compare=None) -> dict:
+    """Measure each (name, flags) layout in order; with a baseline row, add each one's ratio row. A layout that
+    fails gets a row saying why (the script's own paragraph, else its last line of output) and the others still
+    run: a lever that breaks is a result too, and one failure must not cost a GPU session's other rows. Returns the
+    rows measured, by name."""
+    rows = {}
+    for name, flags in layouts:
         try:
             row = measure_one(name, flags)
         except (SystemExit, Exception) as failed:  # a failed run (SystemExit), or a run that left no usable result
             output = str(failed).strip() or repr(failed)
-            # The scripts' own paragraph ("error: ..."), else the last line (a traceback's exception).
             reason = output[output.rfind("error:"):] if "error:" in output else output.splitlines()[-1]
-            print(f"variant {name} failed: {output}", flush=True)
+            print(f"{name} failed: {output}", flush=True)
             record(benchmark, {"arch": args.arch, "device": args.device, "layout": name, "flags": " ".join(flags)},
                    {"failed": " ".join(reason.split())[:300]})
             continue
-        rows.append(row)
-        if baseline is not None:
+        rows[name] = row
+        if baseline is not None and compare is not None:
             compare(f"{name} vs baseline", row, baseline)
     return rows
+
+
+def profile_layouts(benchmark: str, args, layouts: list, run_profiled) -> dict:
+    """After every timed row: run each layout once more up to step --profile_step, profiled (timed runs never are:
+    profiling slows the steps after it too), and record a row with that step's operation and GPU kernel launch
+    counts; its table goes to WORK_DIR/NAME.profile.txt. Layouts with the same flags are profiled once.
+    `run_profiled(name, flags, profile)` runs the script with STEP_TIMER_PROFILE=`profile` and returns run_script's
+    result."""
+    seen, unique = set(), []
+    for name, flags in layouts:
+        if tuple(flags) not in seen:
+            seen.add(tuple(flags))
+            unique.append((name, flags))
+
+    def profile_one(label: str, flags: list) -> dict:
+        name = label[: -len("-profile")]
+        path = os.path.join(args.work_dir, f"{name}.profile.txt")
+        if os.path.exists(path):
+            os.remove(path)  # never a stale one from an earlier run
+        counts = run_profiled(name, flags, f"{args.profile_step}:{path}")["profiled_step_counts"]
+        unit = "update" if benchmark == "ppo" else "step"
+        return record(benchmark, {"arch": args.arch, "device": args.device, "layout": label,
+                                  f"profiled_{unit}": args.profile_step},
+                      {f"{key}_per_{unit}": value for key, value in counts.items()})
+
+    return measure_layouts(benchmark, args, [(f"{name}-profile", flags) for name, flags in unique], profile_one)

@@ -6,14 +6,20 @@
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 7 min
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 6 min; carry the liger-kernel wheel
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
-# Each part runs on its own (a failed variant gets a row saying why, and the rest still runs); a part that cannot
-# finish before DEADLINE seconds (default 570) is skipped, not cut off. Logs, JSON lines, profiles (named
-# GROUP-LAYOUT.profile.txt) and the RESULTS.md rows land in $OUT after every part.
+# Each part runs on its own (a layout that fails gets a row saying why, and the rest still runs); a part that cannot
+# finish before DEADLINE seconds (default 570) is skipped, not cut off. Timed rows come first, profiles last. Logs,
+# the RESULTS.md rows and all profiles (in one file, profiles.txt: the device tool returns at most 8 files) land in
+# $OUT after every part.
 set -u
 BASELINE=${1:-.old}
 GROUP=${2:-}
 if [[ $GROUP != ppo && $GROUP != dpo ]]; then
   echo "usage: bash benchmarks/gpu_session.sh BASELINE_DIR ppo|dpo   (one group per call: each fits one call's limit)"
+  exit 2
+fi
+if [[ ! -f $BASELINE/ppo_gpt2_imdb.py || ! -f $BASELINE/dpo_llama2_stackexchange.py ]]; then
+  echo "$BASELINE holds no copy of the scripts: git archive <commit> ppo_gpt2_imdb.py dpo_llama2_stackexchange.py" \
+    "| tar -x -C $BASELINE here, and name it in the run's carry (it is git-ignored)"
   exit 2
 fi
 DEADLINE=${DEADLINE:-570}
@@ -27,29 +33,29 @@ part() {  # part NAME SECONDS COMMAND...
     echo "== $name: skipped (needs up to $limit s, $((DEADLINE - SECONDS)) s left)"; return
   fi
   local started=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1  # the scripts finish their update on SIGTERM
   echo "== $name: exit $? after $((SECONDS - started)) s"
-  grep '^{' "$OUT/$name.log" | python3 -c "import json,sys
+  grep '^{"benchmark"' "$OUT/$name.log" | python3 -c "import json,sys
 for line in sys.stdin:
     row=json.loads(line); print('  ', row['settings'].get('layout', row['settings'].get('comparison')), row['figures'])"
   tail -n 3 "$OUT/$name.log" | grep -i -E "error|Traceback" | head -n 3
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   local profile
   for profile in "$W"/*/*.profile.txt; do
-    [[ -e $profile ]] && cp -f "$profile" "$OUT/$(basename "$(dirname "$profile")")-$(basename "$profile")"
-  done
+    [[ -e $profile ]] && printf '\n===== %s\n' "$profile" && cat "$profile"
+  done > "$OUT/profiles.txt"
 }
 
 if [[ $GROUP == ppo ]]; then
   # GPT-2 124M + DistilBERT 66M shapes, 12 updates of 128. The compiled variants run in this order on a machine
   # whose inductor cache starts empty: `compile` pays a cold compilation, `compile-warm` the cached one that a
-  # user's later runs pay. Each layout but the baseline runs once more, 3 updates, to profile update 3
-  # (operations ranked by GPU and CPU time, kernel launches); the timed runs are not profiled.
-  part ppo 450 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
+  # user's later runs pay. After all timed rows, each layout but the baseline (and compile-warm, same flags as
+  # compile) runs once more, 3 updates, to profile update 3 (operations ranked by GPU and CPU time, kernel launches).
+  part ppo 540 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --baseline "$BASELINE" --profile_step 3 \
     --variant "compile: --compile_ppo_epochs default" \
     --variant "compile-warm: --compile_ppo_epochs default" \
-    --variant "static-cache+compile-cudagraphs: --static_cache_generation true --compile_ppo_epochs reduce-overhead" \
+    --variant "static-cache-compile-cudagraphs: --static_cache_generation true --compile_ppo_epochs reduce-overhead" \
     --variant "compile-cudagraphs: --compile_ppo_epochs reduce-overhead"
 fi
 

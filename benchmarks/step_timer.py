@@ -68,18 +68,22 @@ class StepTimer(TrainerCallback):
 
 
 def count_events(profiler) -> dict:
-    """PyTorch operations called from Python or autograd (aten events whose parent is not an aten event), and on a
-    GPU the kernel launches (CUDA runtime launch events; a CUDA graph replay is one)."""
-    import torch
+    """PyTorch operations called from Python or autograd (aten events whose parent is not an aten event) and, on a
+    GPU, kernel launches (CUDA runtime/driver launch calls; a CUDA graph replay is one) with the kernels the GPU ran
+    as a cross-check (None where no GPU activity was recorded)."""
+    from torch.autograd import DeviceType
 
-    operations = launches = 0
+    operations = launches = kernels = 0
     for event in profiler.events():
         parent = event.cpu_parent
-        if event.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::")):
+        if event.device_type == DeviceType.CUDA:
+            kernels += 1
+        elif event.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::")):
             operations += 1
-        if "LaunchKernel" in event.name or event.name == "cudaGraphLaunch":
+        elif "LaunchKernel" in event.name or event.name.startswith("cudaGraphLaunch"):
             launches += 1
-    return {"operations": operations, "kernel_launches": launches if torch.cuda.is_available() else None}
+    return {"operations": operations, "kernel_launches": launches if kernels else None,
+            "gpu_kernels": kernels or None}
 
 
 def profile_one_step():
@@ -96,7 +100,8 @@ def write_profile(profiler, path: str, step: int, seconds: float, counts: dict):
     import torch
 
     averages = profiler.key_averages()
-    launches = f", {counts['kernel_launches']} kernel launches" if counts["kernel_launches"] is not None else ""
+    launches = (f", {counts['kernel_launches']} kernel launches ({counts['gpu_kernels']} kernels ran on the GPU)"
+                if counts["kernel_launches"] is not None else "")
     tables = [f"Step {step}: {seconds:.4f} s of wall time (profiled, so slower than unprofiled steps); "
               f"{counts['operations']} PyTorch operations{launches}."]
     if torch.cuda.is_available():

@@ -46,10 +46,13 @@ def run_cli(script: str, argv: list, timeout: int = 600, cwd: str = REPO, **env)
 
 
 def run_then_signal(script: str, argv: list, after_line: str, delay: float = 2.0, sig=signal.SIGTERM,
-                    again_after: float = None, timeout: float = 300, cwd: str = REPO):
+                    again_on_line: str = None, timeout: float = 300, cwd: str = REPO):
     """Start `python script argv`, send `sig` `delay` seconds after a line starting with `after_line` appears (and
-    once more `again_after` seconds later, if given); return (exit code, everything printed, seconds from the first
-    signal to the exit). Unbuffered output, a deadline on everything, and the child is always reaped."""
+    once more when the child then prints a line starting with `again_on_line`, if given); return (exit code,
+    everything printed, seconds from the first signal to the exit). Unbuffered output, a deadline on everything, and
+    the child is always reaped. Two signals sent back to back can reach Python as one (its handler runs between
+    bytecodes, and a signal pending twice is handled once): `again_on_line` waits for the child to have handled the
+    first."""
     child = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, argv)], cwd=cwd,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     deadline, lines, signalled = time.monotonic() + timeout, [], None
@@ -60,9 +63,10 @@ def run_then_signal(script: str, argv: list, after_line: str, delay: float = 2.0
                 time.sleep(delay)
                 child.send_signal(sig)
                 signalled = time.monotonic()
-                if again_after is not None:
-                    time.sleep(again_after)
-                    child.send_signal(sig)
+                if again_on_line is None:
+                    break
+            elif signalled is not None and again_on_line is not None and line.startswith(again_on_line):
+                child.send_signal(sig)
                 break
             if time.monotonic() > deadline:
                 break

@@ -39,14 +39,14 @@ def test_step_timer_profiles_one_step_and_records_which_steps_it_cost(tmp_path):
 
     recorded = drive(5, f"2:{tmp_path / 'profile.txt'}")
     assert len(recorded["step_seconds"]) == 5
-    assert recorded["profiled_step_counts"] == {"operations": 3, "kernel_launches": None}
+    assert recorded["profiled_step_counts"] == {"operations": 3, "kernel_launches": None, "gpu_kernels": None}
     profile = (tmp_path / "profile.txt").read_text()
     assert profile.startswith("Step 2: ") and "; 3 PyTorch operations." in profile and "aten::mm" in profile
     assert drive(2, f"4:{tmp_path / 'late.txt'}")["profiled_step_counts"] == {}
     assert (tmp_path / "late.txt").read_text().startswith("No profile: training ended after 2 steps, before step 4")
 
 
-def test_a_failing_variant_gets_a_row_saying_why_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+def test_a_failing_layout_gets_a_row_saying_why_and_the_others_still_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", str(tmp_path / "RESULTS.md"))
     args = type("Args", (), {"arch": "tiny", "device": "cpu"})()
     failures = {"exits": SystemExit("benchmark run failed: python x.py\nerror: --compile_ppo_epochs must be one\nof"),
@@ -58,9 +58,9 @@ def test_a_failing_variant_gets_a_row_saying_why_and_the_others_still_run(tmp_pa
         return {"figures": {"seconds": 1.0}}
 
     compared = []
-    rows = common.measure_variants("ppo", args, [(name, ["--x"]) for name in [*failures, "works"]], measure_one,
-                                   {"figures": {"seconds": 2.0}}, lambda name, new, old: compared.append(name))
-    assert rows == [{"figures": {"seconds": 1.0}}] and compared == ["works vs baseline"]
+    rows = common.measure_layouts("ppo", args, [(name, ["--x"]) for name in [*failures, "works"]], measure_one,
+                                  {"figures": {"seconds": 2.0}}, lambda name, new, old: compared.append(name))
+    assert rows == {"works": {"figures": {"seconds": 1.0}}} and compared == ["works vs baseline"]
     failed = {row["settings"]["layout"]: row["figures"]["failed"] for row in map(
         json.loads, (line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))}
     assert failed == {"exits": "error: --compile_ppo_epochs must be one of", "no-result": "eval.json",
@@ -90,20 +90,27 @@ def run_benchmark(module_name: str, argv: list, tmp_path, monkeypatch, capsys) -
 def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_example_layout(
         ppo_assets, tmp_path, monkeypatch, capsys):
     """The baseline here is the script itself (copied): the point is the bookkeeping, not a speed-up. A variant
-    that fails gets a row saying why, and the rest still runs; --profile_step profiles update 2 in a run of its own
-    (the timed run is never profiled) and puts its operation count in the row."""
+    that fails gets a row saying why, and the rest still runs. --profile_step profiles update 2 after every timed
+    row, in runs of their own (timed runs are never profiled), one per distinct set of flags, each with a row of
+    its counts."""
     import shutil
 
     os.symlink(ppo_assets, tmp_path / "tiny")  # the tiny models, already built
     shutil.copy(os.path.join(REPO, "ppo_gpt2_imdb.py"), tmp_path / "ppo_gpt2_imdb.py")
-    old, ours, versus, broken, theirs, comparison = run_benchmark(
+    rows = run_benchmark(
         "bench_ppo", ["--updates", "3", "--compare_trl_example", "--baseline", str(tmp_path), "--work_dir",
-                      str(tmp_path), "--profile_step", "2", "--variant", "broken: --compile_ppo_epochs fast", "--",
-                      "--num_eval_prompts", "8"], tmp_path, monkeypatch, capsys)
-    assert broken["settings"]["layout"] == "broken" and "must be one of" in broken["figures"]["failed"]
+                      str(tmp_path), "--profile_step", "2", "--variant", "broken: --compile_ppo_epochs fast",
+                      "--variant", "same-again: ", "--", "--num_eval_prompts", "8"], tmp_path, monkeypatch, capsys)
+    names = [row["settings"].get("layout", row["settings"].get("comparison")) for row in rows]
+    assert names == ["baseline", "script-defaults", "script-defaults vs baseline", "broken", "same-again",
+                     "same-again vs baseline", "trl-example", "script-defaults vs trl-example",
+                     "script-defaults-profile", "broken-profile"]  # same-again has script-defaults' flags
+    old, ours, versus, broken, _, _, theirs, comparison, profiled, broken_profile = rows
+    assert "must be one of" in broken["figures"]["failed"] and "must be one of" in broken_profile["figures"]["failed"]
+    assert profiled["settings"]["profiled_update"] == 2 and profiled["figures"]["operations_per_update"] > 1000
+    assert profiled["figures"]["kernel_launches_per_update"] is None  # no GPU here
     profile = (tmp_path / "script-defaults.profile.txt").read_text()
     assert profile.startswith("Step 2: ") and "By CPU time" in profile and "aten::" in profile
-    assert ours["figures"]["operations_per_update"] > 1000 and old["figures"]["operations_per_update"] is None
     assert ours["settings"]["updates"] == 3 and json.loads((tmp_path / "script-defaults-profiled" / "eval.json")
                                                             .read_text())["updates"] == 2
     assert old["settings"]["layout"] == "baseline" and ours["settings"]["layout"] == "script-defaults"
@@ -122,7 +129,7 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
     assert comparison["figures"]["samples_per_second_ratio"] == round(ratio, 2)
     ratio = ours["figures"]["samples_per_second"] / old["figures"]["samples_per_second"]
     assert versus["figures"]["samples_per_second_ratio"] == round(ratio, 2)
-    assert (tmp_path / "RESULTS.md").read_text().count("| ppo |") == 6
+    assert (tmp_path / "RESULTS.md").read_text().count("| ppo |") == len(rows)
 
 
 @pytest.mark.slow

@@ -607,10 +607,12 @@ def test_sigterm_saves_a_checkpoint_prints_how_to_resume_and_exits_143(ppo_asset
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_with_exit_130_and_no_traceback(ppo_assets, tmp_path):
+    """The second Ctrl-C is sent once the first is acknowledged, during updates of 512 prompts (about 2 s each on 2
+    CPU cores), so that it lands inside the update the first one lets finish."""
     out = tmp_path / "run"
     code, output, _ = run_then_signal(PPO_SCRIPT, tiny_argv(ppo_assets, out, "--total_episodes", "100000",
-                                                            "--save_steps", "0"), "Training:", sig=signal.SIGINT,
-                                      again_after=0.0)
+                                                            "--batch_size", "512", "--save_steps", "0"),
+                                      "Training:", sig=signal.SIGINT, again_on_line="SIGINT: finishing")
     assert code == 130, output[-3000:]
     assert "SIGINT: finishing the current step, then saving a checkpoint (again to stop at once)" in output
     assert "SIGINT: stopped at once. This step's checkpoint was not saved" in output
