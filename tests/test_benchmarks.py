@@ -196,3 +196,36 @@ def test_shape_faithful_llama_passes_the_dpo_scripts_own_loading_checks(dpo_asse
     tokenizer = dpo.load_checked_tokenizer(str(tmp_path / "llama2-7b"), "model_name_or_path")
     assert len(tokenizer) == 32000
     assert tokenizer.decode([31000]).strip() == "x31000"
+
+
+def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_its_deadline(tmp_path):
+    """Checked here with stand-ins for nvidia-smi and the benchmarks (a GPU session is too scarce to find these
+    out there): one group per call, a baseline copy that exists, parts that cannot finish before DEADLINE skipped
+    rather than cut off, each part's rows summarised."""
+    import subprocess
+
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB'\n")
+    (stubs / "python3").write_text(f'#!/bin/sh\n[ "$1" = "-c" ] && exec {sys.executable} "$@"\n'
+                                   'echo \'{"benchmark": "dpo", "settings": {"layout": "stub"}, "figures": {"s": 1}}\'\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    baseline = tmp_path / "old"
+    baseline.mkdir()
+
+    def session(*argv, deadline="570"):
+        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+               "DEADLINE": deadline}
+        return subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_session.sh"), *argv], cwd=REPO,
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    assert session(str(baseline)).returncode == 2  # no group
+    missing = session(str(baseline), "dpo")
+    assert missing.returncode == 2 and "holds no copy of the scripts" in missing.stdout
+    for script in ("ppo_gpt2_imdb.py", "dpo_llama2_stackexchange.py"):
+        (baseline / script).write_text("")
+    ran = session(str(baseline), "dpo", deadline="200")
+    assert "== dpo: skipped (needs up to 240 s, 200 s left)" in ran.stdout
+    assert "== dpo_spread_lengths: exit 0" in ran.stdout and "stub {'s': 1}" in ran.stdout
+    assert (tmp_path / "out" / "RESULTS.md").exists() and (tmp_path / "out" / "profiles.txt").exists()
