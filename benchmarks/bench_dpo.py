@@ -168,6 +168,7 @@ def main():
         profile_layouts("dpo", args, layouts, lambda name, flags, profile: profiled_run(args, work, name, flags,
                                                                                         profile))
 
+
 def compare(args, name: str, new: dict, old: dict) -> dict:
     """One row with the ratios of two rows measured in this invocation (new over old)."""
     figures = {"steady_step_speedup": round(old["figures"]["steady_seconds_per_step"]

@@ -166,5 +166,6 @@ def main():
         profile_layouts("ppo", args, layouts,
                         lambda name, flags, profile: profiled_run(args, work, name, batch, flags, profile))
 
+
 if __name__ == "__main__":
     main()
