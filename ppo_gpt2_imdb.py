@@ -115,8 +115,9 @@ class Args:
                                         "per update: lower peak memory for big models, slow for GPT-2")
     bf16_autocast: bool = arg(False, "GPU: the PPO epochs' forward passes under bf16 autocast. Off: slower at "
                               "GPT-2 size (H200: 0.28 -> 0.32 s per update); no effect on a CPU")
-    static_cache_generation: bool = arg(False, "rollouts decode with a static KV cache (compiled on a GPU). Off: "
-                                        "H200 saves 0.04 s per update but compiles 10-14 s, more than one IMDB pass saves")
+    static_cache_generation: bool = arg(False, "rollouts decode into one static KV cache (compiled on a GPU). Off: "
+                                        "H200 saved 0.04 s per update with a new cache per rollout; one reused "
+                                        "cache not yet measured")
     compile_ppo_epochs: Optional[str] = arg(None, "torch.compile mode for the policy and value passes of the PPO "
                                             "epochs: default, reduce-overhead (GPU: CUDA graphs too) or "
                                             "max-autotune; None: eager. Not yet measured on a GPU")
@@ -408,15 +409,16 @@ def report(reference: dict, trained: dict, wandb_run=None):
 # - the reward model interface: TRL calls `score(backbone(policy ids))`; DistilBERT has its own tokenizer
 #   (SentimentReward, DecodeAndClassify)
 # - PPOTrainer.train: swaps the module globals `gc` and `empty_cache` of trl.experimental.ppo.ppo_trainer while it
-#   runs (TRL's per-update memory freeing), and the policy's generation_config.cache_implementation (static cache)
+#   runs (TRL's per-update memory freeing), and the policy's `generate` (rollouts into one static cache)
 # - PPOTrainer.dataloader: replaced by a resumable batch order (TRL reshuffles from the global RNG, cannot resume)
 # - PPOTrainer.log / generate_completions / sample_generations_freq: the reward's spread, phase timings, sample
 #   tables every N updates without shifting training's RNG
 # - callbacks and accelerate's save_state/load_state: checkpoints and resume (TRL 1.12's PPO has none)
 # - save_outputs: not TRL's save_model, which fails with several processes
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
-from transformers import DataCollatorWithPadding, GenerationConfig, TrainerCallback
+from transformers import DataCollatorWithPadding, GenerationConfig, StaticCache, TrainerCallback
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo import ppo_trainer as trl_ppo_module
 from trl.trainer.utils import selective_log_softmax
@@ -508,6 +510,7 @@ class SentimentPPOTrainer(PPOTrainer):
         self.dataloader = self.timed(ResumableBatches(
             self.train_dataset, self.args.local_batch_size, prompt_collator(self.processing_class, settings),
             settings.seed, self.accelerator.process_index, self.accelerator.num_processes, self.updates_done))
+        self.rollout_cache: Optional[StaticCache] = None  # with --static_cache_generation: see rollout_generation
         self.phase_seconds = {"rollout": [], "optimisation": []}  # one entry per update, in order
         self.phase_started = {}
         # The policy-and-value wrapper runs only in the PPO epochs: rollouts call the policy and value model apart.
@@ -525,15 +528,24 @@ class SentimentPPOTrainer(PPOTrainer):
             {"gc": SimpleNamespace(collect=lambda *args: 0), "empty_cache": lambda: None}
         saved = {name: getattr(trl_ppo_module, name) for name in swapped}
         vars(trl_ppo_module).update(swapped)
-        generation_config = self.accelerator.unwrap_model(self.model).policy.generation_config
-        cache_before = generation_config.cache_implementation
-        if self.settings.static_cache_generation:
-            generation_config.cache_implementation = "static"  # TRL's rollout config leaves it unset: ours applies
         try:
-            return super().train()
+            with self.rollout_generation():
+                return super().train()
         finally:
             vars(trl_ppo_module).update(saved)
-            generation_config.cache_implementation = cache_before
+
+    def rollout_generation(self):
+        """Where rollouts are generated: with --static_cache_generation, the policy decodes rollout-shaped batches
+        into one static cache for the whole run (compiled on a GPU)."""
+        if not self.settings.static_cache_generation:
+            return nullcontext()
+        policy = self.accelerator.unwrap_model(self.model).policy
+        if self.rollout_cache is None:  # allocated on its first use, once for the run
+            self.rollout_cache = StaticCache(config=policy.config,
+                                             max_cache_len=self.settings.prompt_max_tokens + self.args.response_length)
+        return rollouts_decode_into(self.rollout_cache, policy, batch_size=self.args.local_rollout_forward_batch_size,
+                                    prompt_width=self.settings.prompt_max_tokens,
+                                    response_length=self.args.response_length)
 
     def clock(self) -> float:
         if self.accelerator.device.type == "cuda":
@@ -575,29 +587,26 @@ class SentimentPPOTrainer(PPOTrainer):
 
     def generate_completions(self, sampling: bool = False):
         # Sample tables must not shift training's random numbers (a resumed run would diverge from the original).
-        # Their batches have another shape than the rollouts': a static cache would be compiled again for them.
-        generation_config = self.accelerator.unwrap_model(self.model).policy.generation_config
-        cache_implementation, generation_config.cache_implementation = generation_config.cache_implementation, None
-        try:
-            with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
-                super().generate_completions(sampling)
-        finally:
-            generation_config.cache_implementation = cache_implementation
+        with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
+            super().generate_completions(sampling)
         self.reward_model.pop_recent_rewards()  # sample-table rewards are not rollout rewards
 
     @torch.no_grad()
     def policy_ratio_error(self, prompts) -> float:
         """Mean |ratio - 1| over response tokens at a first PPO epoch, before any optimizer step: the rollout's
-        log-probabilities (from generation, in the load precision) against those of the PPO epochs' forward pass
-        (the prepared model, under autocast where it is on), both through TRL's own functions, on up to one batch
-        of `prompts`. Ideally 0; PPO's clipping sees any difference as policy change."""
+        log-probabilities (generated as rollouts are: in the load precision, with the rollouts' padding and static
+        cache) against those of the PPO epochs' forward pass (the prepared model, under autocast where it is on),
+        both through TRL's own functions, on up to one batch of `prompts`. Ideally 0; PPO's clipping sees any
+        difference as policy change."""
         pad_token_id, temperature = self.processing_class.pad_token_id, self.args.temperature + 1e-7
-        queries = self.processing_class.pad({"input_ids": list(prompts)[: self.args.local_batch_size]},
-                                            return_tensors="pt")["input_ids"].to(self.accelerator.device)
+        collate = prompt_collator(self.processing_class, self.settings)
+        queries = collate([{"input_ids": ids} for ids in list(prompts)[: self.args.local_batch_size]])
+        queries = queries["input_ids"].to(self.accelerator.device)
         config = GenerationConfig(max_new_tokens=self.args.response_length, temperature=temperature, top_k=0.0,
                                   top_p=1.0, do_sample=True)
         policy, context = self.accelerator.unwrap_model(self.model).policy, queries.shape[1]
-        with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
+        cuda = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), self.rollout_generation():
             query_responses, logits = trl_ppo_module.batch_generation(policy, queries, len(queries), pad_token_id,
                                                                       config)
         responses = query_responses[:, context:]
@@ -694,6 +703,34 @@ def prompt_collator(tokenizer, args: Args):
     if args.compile_ppo_epochs or args.static_cache_generation:
         return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.prompt_max_tokens)
     return DataCollatorWithPadding(tokenizer)
+
+
+@contextmanager
+def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_width: int, response_length: int):
+    """While open, the policy's `generate` decodes every rollout-shaped call (`batch_size` prompts of
+    `prompt_width` tokens, `response_length` new tokens) into `cache`, zeroed before each call; other shapes (sample
+    tables, evaluation) keep the dynamic cache and stay uncompiled. transformers 5 would allocate a new static cache
+    on every call, and on a GPU its compiled decode (CUDA graphs) records its graphs again whenever a cache tensor's
+    address changes (see torch._dynamo.mark_static_address), as it does when the PPO epochs' allocations take the
+    freed cache's memory between rollouts (test_rollouts_decode_into_one_static_cache_allocated_once)."""
+    generate, defaults = policy.generate, policy.generation_config
+    # A model's own default cache_implementation would clash with a cache passed in.
+    cache_implementation, defaults.cache_implementation = defaults.cache_implementation, None
+
+    def generate_into_one_cache(input_ids=None, generation_config=None, **kwargs):
+        rollout_shaped = input_ids is not None and tuple(input_ids.shape) == (batch_size, prompt_width) \
+            and getattr(generation_config, "max_new_tokens", None) == response_length
+        if rollout_shaped:
+            cache.reset()  # zeroes in place: the addresses stay
+            kwargs["cache"] = cache
+        return generate(input_ids=input_ids, generation_config=generation_config, **kwargs)
+
+    policy.generate = generate_into_one_cache
+    try:
+        yield cache
+    finally:
+        del policy.generate  # back to the class's method
+        defaults.cache_implementation = cache_implementation
 
 
 def compile_ppo_epochs(wrapper, mode: str):
