@@ -78,7 +78,7 @@ def profiled_run(args, work: str, name: str, batch_size: int, flags: list[str], 
     output_dir = os.path.join(work, f"{name}-profiled")
     shutil.rmtree(output_dir, ignore_errors=True)
     return run_script(script_command(args, work, output_dir, batch_size, args.profile_step, "ppo_gpt2_imdb.py")
-                      + flags, profile)
+                      + flags, profile, args.compile_decode_on_cpu)
 
 
 def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py") -> dict:
@@ -86,7 +86,8 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
     output_dir = os.path.join(work, name)
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     updates = args.updates or (5 if args.arch == "gpt2" else None)
-    measured = run_script(script_command(args, work, output_dir, batch_size, updates, script) + flags)
+    measured = run_script(script_command(args, work, output_dir, batch_size, updates, script) + flags,
+                          compile_decode_on_cpu=args.compile_decode_on_cpu)
     result = json.load(open(os.path.join(output_dir, "eval.json")))
     run_args = result["args"]
     settings = {"arch": args.arch, "device": args.device, "layout": name, "batch_size": run_args["batch_size"],
@@ -94,9 +95,13 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
                 "num_mini_batches": run_args["num_mini_batches"], "num_ppo_epochs": run_args["num_ppo_epochs"],
                 "response_length": run_args["response_length"], "tf32": run_args["tf32"] and args.device == "cuda",
                 "free_memory_each_update": run_args["free_memory_each_update"], "updates": result["updates"]}
-    for lever in ("bf16_autocast", "static_cache_generation"):  # absent from copies older than these settings
-        settings[lever] = run_args.get(lever, False) and args.device == "cuda"
+    # Absent from copies older than these settings. Autocast acts on a GPU only; the static cache on any device
+    # (compiled on a GPU, or with --compile_decode_on_cpu).
+    settings["bf16_autocast"] = run_args.get("bf16_autocast", False) and args.device == "cuda"
+    settings["static_cache_generation"] = run_args.get("static_cache_generation", False)
     settings["compile_ppo_epochs"] = run_args.get("compile_ppo_epochs")
+    if args.compile_decode_on_cpu:
+        settings["decode_compiled_on_cpu"] = True
     steady = measured["steady_seconds_per_step"]
     samples = run_args["batch_size"]
     figures = {"wall_seconds": measured["wall_seconds"], "peak_rss_gib": measured["peak_rss_gib"],
@@ -143,6 +148,9 @@ def main():
     parser = benchmark_parser(__doc__, "ppo_gpt2_imdb.py", ["tiny", "gpt2"])
     parser.add_argument("--updates", type=int, default=None, help="PPO updates to time (gpt2 default: 5)")
     parser.add_argument("--batch_size", type=int, default=None, help="prompts per update (default: the script's)")
+    parser.add_argument("--compile_decode_on_cpu", action="store_true",
+                        help="compile static-cache decoding on a CPU as transformers does on a GPU, so that profiles "
+                             "of static-cache layouts count the operations a GPU run makes")
     parser.add_argument("--compare_trl_example", action="store_true",
                         help="also measure TRL's one-GPU example layout on the same task and record the speed-up")
     args, script_flags, variants = parse_benchmark_args(parser)

@@ -46,6 +46,23 @@ def test_step_timer_profiles_one_step_and_records_which_steps_it_cost(tmp_path):
     assert (tmp_path / "late.txt").read_text().startswith("No profile: training ended after 2 steps, before step 4")
 
 
+def test_compile_decode_on_cpu_makes_transformers_compile_static_cache_calls_as_on_a_gpu(tmp_path):
+    """bench_ppo --compile_decode_on_cpu: the child run then compiles the decode of exactly the `generate` calls
+    that have a static cache, as transformers does on a GPU; without it, a CPU compiles none (so the profiles of
+    static-cache layouts on a CPU would count eager decoding)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys\n"
+        "from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, GenerationConfig, StaticCache\n"
+        "model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16))\n"
+        "static = StaticCache(config=model.config, max_cache_len=8)\n"
+        "decide = lambda cache: model._valid_auto_compile_criteria({'cache': cache}, GenerationConfig())\n"
+        "open(sys.argv[1], 'w').write(' '.join(str(decide(c)) for c in (static, DynamicCache(), None)))\n")
+    for compiled, expected in ((True, "True False False"), (False, "False False False")):
+        common.run_script([str(probe), str(tmp_path / "decisions.txt")], compile_decode_on_cpu=compiled)
+        assert (tmp_path / "decisions.txt").read_text() == expected
+
+
 def test_a_failing_layout_gets_a_row_saying_why_and_the_others_still_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", str(tmp_path / "RESULTS.md"))
     args = type("Args", (), {"arch": "tiny", "device": "cpu"})()
