@@ -112,6 +112,8 @@ class Args:
     tf32: bool = arg(True, "on an Ampere or newer GPU, run fp32 matmuls on TF32 tensor cores")
     use_liger_kernel: Optional[bool] = arg(None, "Liger's fused DPO loss and kernels (H200: 1.25x faster, 1.7 GiB "
                                            "less). None: on where a GPU and `pip install liger-kernel` are present")
+    group_by_length: bool = arg(False, "each optimizer step's pairs of similar token length (random groups of up to "
+                                "50 steps' pairs, sorted): fewer pad tokens on real pairs. Not yet measured on a GPU")
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny model and data are built")
 
 
@@ -191,7 +193,8 @@ def load_pairs(args: Args, tokenizer, data_dir: str, cap: Optional[int], setting
     if len(dataset) == 0:
         fail(f"No usable pair in '{args.dataset_name}' ({data_dir}) fits --max_prompt_length {args.max_prompt_length} "
              f"and --max_length {args.max_length} tokens. Raise those limits, or read more pairs.")
-    return dataset.remove_columns(["prompt_tokens", "total_tokens"])
+    # Each pair's padded length (prompt + the longer answer + EOS), for --group_by_length.
+    return dataset.remove_columns(["prompt_tokens"]).rename_column("total_tokens", "pair_tokens")
 
 
 # %% 2. Model: one 4-bit base with LoRA adapters; the reference is that base with the adapters disabled.
@@ -292,7 +295,8 @@ def main(args: Args) -> dict:
         trainer = QLoRADPOTrainer(
             model=model, ref_model=None, args=build_dpo_config(args), train_dataset=train_pairs,
             eval_dataset=eval_pairs if args.eval_steps > 0 else None, processing_class=tokenizer,
-            peft_config=peft_config, callbacks=[StopOnSignal(stop)], adapter_dtype=compute_dtype(args))
+            peft_config=peft_config, callbacks=[StopOnSignal(stop)], adapter_dtype=compute_dtype(args),
+            group_by_length=args.group_by_length)
 
         # 4. Train, then save the adapter at once: nothing trained is lost if anything later fails
         say(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.num_processes} x {trainer.accelerator.device}"
@@ -318,7 +322,7 @@ def main(args: Args) -> dict:
         trained_result, _ = evaluate(trainer.model, tokenizer, eval_pairs, args, base_logratios)
 
         # 6. Report: eval.json, the table, the tracker's summary; then the merged model if asked for
-        train_log = [{key: entry[key] for key in ("step", "loss", "grad_norm") if key in entry}
+        train_log = [{key: entry[key] for key in ("step", "loss", "grad_norm", "num_tokens") if key in entry}
                      for entry in trainer.state.log_history if "loss" in entry]
         result = {"base": base_result, "trained": trained_result, "args": asdict(args),
                   "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
@@ -326,6 +330,7 @@ def main(args: Args) -> dict:
                   "seconds_per_step": round(train_seconds / max(steps_this_run, 1), 4),
                   "peak_gpu_memory_gib": peak_gib, "train_log": train_log,  # step 1's loss is ln 2 = 0.6931
                   "train_tokens": trainer._total_train_tokens,  # non-pad tokens of chosen and rejected, this run
+                  "pad_fraction": trainer.pad_fraction(),  # of the positions the training batches held, this run
                   "written_by_process": PartialState().process_index}
         if PartialState().is_main_process:
             write_json(os.path.join(args.output_dir, "eval.json"), result)
@@ -423,9 +428,12 @@ def report(base: dict, trained: dict, wandb_run=None):
 # - callbacks: a stop on Ctrl-C/SIGTERM after the current step (StopOnSignal)
 # - bitsandbytes' CPU repack of 4-bit weights, which breaks LoRA gradients (guard_cpu_4bit_gradients)
 # - use_liger_kernel: TRL's fused linear DPO loss, where a GPU and liger-kernel are present
+# - Trainer._get_train_sampler: pairs grouped by length with --group_by_length (LengthGroupedPairs); compute_loss
+#   counts padded positions for the pad_fraction metric
 # - peft's prepare_model_for_kbit_training: used only with --upcast_non_quantized (prepare_4bit_for_training)
 from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl import DPOTrainer
 
 
@@ -435,9 +443,10 @@ class QLoRADPOTrainer(DPOTrainer):
     resuming reloads them in fp32: a resumed run would continue in another precision than the run it resumes. Here
     they stay in the compute dtype: bf16 on GPU, fp32 on CPU."""
 
-    def __init__(self, *args, adapter_dtype: torch.dtype, **kwargs):
+    def __init__(self, *args, adapter_dtype: torch.dtype, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.adapter_dtype = adapter_dtype
+        self.adapter_dtype, self.group_by_length = adapter_dtype, group_by_length
+        self.train_positions = 0  # positions of the training batches (pad included), this run
         self.cast_adapters()
 
     def cast_adapters(self):
@@ -448,6 +457,28 @@ class QLoRADPOTrainer(DPOTrainer):
     def _load_from_checkpoint(self, *args, **kwargs):
         super()._load_from_checkpoint(*args, **kwargs)
         self.cast_adapters()  # before the optimizer is built from these parameters
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        lengths = list(self.train_dataset["pair_tokens"])  # counted by load_pairs; same rows as `train_dataset`
+        pairs_per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthGroupedPairs(lengths, pairs_per_step, self.args.seed)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        tokens_before = self._total_train_tokens  # TRL adds each training batch's non-pad tokens (all processes)
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if model.training:  # the share of padding in what was computed: logged as pad_fraction
+            mask = inputs["attention_mask"]
+            positions = self.accelerator.gather_for_metrics(torch.tensor([mask.numel()], device=mask.device))
+            positions = positions.sum().item()
+            self.train_positions += positions
+            self._metrics["train"]["pad_fraction"].append(1 - (self._total_train_tokens - tokens_before) / positions)
+        return result
+
+    def pad_fraction(self) -> Optional[float]:
+        """Share of the training batches' positions that were padding, this run."""
+        return round(1 - self._total_train_tokens / self.train_positions, 4) if self.train_positions else None
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, written into OUTPUT_DIR/.saving and renamed to checkpoint-N once complete."""
@@ -462,6 +493,27 @@ class QLoRADPOTrainer(DPOTrainer):
                 del self._get_output_dir
 
         save_atomically(self.accelerator, os.path.join(staging, name), os.path.join(self.args.output_dir, name), save)
+
+
+class LengthGroupedPairs(torch.utils.data.Sampler):
+    """Training pairs in an order where each optimizer step's pairs have similar lengths, so that its batches carry
+    little padding: transformers' length grouping (random groups of up to 50 steps' pairs, each sorted by length,
+    the longest step first, so that memory runs out at once if it will). Drawn from (seed, epoch), which the
+    Trainer sets each epoch: a resumed run skips to the same place in the same order. transformers' own
+    group_by_length sampler would look for an `input_ids` column, which DPO data does not have."""
+
+    def __init__(self, lengths: list[int], pairs_per_step: int, seed: int):
+        self.lengths, self.pairs_per_step, self.seed, self.epoch = lengths, pairs_per_step, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.pairs_per_step, generator=generator))
 
 
 class StopOnSignal(TrainerCallback):

@@ -63,6 +63,18 @@ def test_compile_decode_on_cpu_makes_transformers_compile_static_cache_calls_as_
         assert (tmp_path / "decisions.txt").read_text() == expected
 
 
+def test_dpo_tokens_per_second_counts_the_timed_steps_own_tokens():
+    """The steady time covers steps 2..N, so the real tokens are those of steps 2..N, from the run's cumulative
+    count; a log without counts (an older copy of the script) gives None, and the pairs' mean is used instead."""
+    import bench_dpo
+
+    log = [{"step": 1, "loss": 0.69, "num_tokens": 900.0}, {"step": 2, "num_tokens": 1500.0},
+           {"step": 3, "num_tokens": 1800.0}, {"step": 4, "num_tokens": 2700.0}]
+    assert bench_dpo.steady_tokens_per_step(log) == (2700 - 900) / 3
+    assert bench_dpo.steady_tokens_per_step([{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.6}]) is None
+    assert bench_dpo.steady_tokens_per_step(log[1:]) is None  # the first step's count is needed to leave it out
+
+
 def test_a_failing_layout_gets_a_row_saying_why_and_the_others_still_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", str(tmp_path / "RESULTS.md"))
     args = type("Args", (), {"arch": "tiny", "device": "cpu"})()
@@ -243,6 +255,6 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
     for script in ("ppo_gpt2_imdb.py", "dpo_llama2_stackexchange.py"):
         (baseline / script).write_text("")
     ran = session(str(baseline), "dpo", deadline="200")
-    assert "== dpo: skipped (needs up to 240 s, 200 s left)" in ran.stdout
-    assert "== dpo_spread_lengths: exit 0" in ran.stdout and "stub {'s': 1}" in ran.stdout
+    assert "== dpo_spread_lengths: skipped (needs up to 260 s, 200 s left)" in ran.stdout
+    assert "== dpo: exit 0" in ran.stdout and "== dpo_batch1: exit 0" in ran.stdout and "stub {'s': 1}" in ran.stdout
     assert (tmp_path / "out" / "RESULTS.md").exists() and (tmp_path / "out" / "profiles.txt").exists()

@@ -378,6 +378,36 @@ def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_
         assert tool["trained"] >= tool["base"] + 0.1
 
 
+@pytest.mark.slow
+def test_grouping_pairs_by_length_cuts_padding_and_still_learns(dpo_assets, tmp_path):
+    """--group_by_length gives each optimizer step pairs of similar length, so its batches carry less padding; the
+    held-out preference is still learned. Measured on 2 CPU cores, tiny preset: padding 0.160 -> 0.047 of the
+    positions; accuracy 0.500 -> 0.967 and implicit reward margin 3.56 (without grouping: 0.983 and 3.77)."""
+    plain = run_tiny(dpo, dpo_assets, tmp_path / "plain", "--num_eval_generations", "0")
+    grouped = run_tiny(dpo, dpo_assets, tmp_path / "grouped", "--num_eval_generations", "0", "--group_by_length")
+    print(f"padding {plain['pad_fraction']:.3f} -> {grouped['pad_fraction']:.3f}; grouped accuracy "
+          f"{grouped['base']['accuracy']:.3f} -> {grouped['trained']['accuracy']:.3f}")
+    assert 0 < grouped["pad_fraction"] < plain["pad_fraction"] / 2
+    assert grouped["trained"]["accuracy"] >= grouped["base"]["accuracy"] + 0.25
+    assert grouped["trained"]["implicit_reward_margin"] > 0.5
+
+
+def test_length_grouped_order_is_a_permutation_fixed_by_seed_and_epoch_with_similar_lengths_per_step():
+    """Every pair once per epoch; the same order for the same (seed, epoch), another for the next epoch; the
+    longest step first; within each step, lengths far closer than in a random step."""
+    lengths = [int(10 * 1.5 ** (i % 9)) + i % 7 for i in range(640)]  # 10 to 266 tokens, spread
+    sampler = dpo.LengthGroupedPairs(lengths, pairs_per_step=16, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(640)) and first == list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(640))
+    steps = [[lengths[i] for i in first[k : k + 16]] for k in range(0, 640, 16)]
+    assert max(steps[0]) == max(lengths)
+    spread = sum(max(step) - min(step) for step in steps) / len(steps)
+    random_steps = [lengths[k : k + 16] for k in range(0, 640, 16)]
+    assert spread < sum(max(step) - min(step) for step in random_steps) / len(random_steps) / 4
+
+
 def raw_column_gain(assets, adapter_dir, rows) -> float:
     """Mean over held-out rows of [log p(response_j) - log p(response_k)] under base + adapter minus the same under
     the base, each answer scored after "Question: {question}\\n\\nAnswer:" from the dataset's own columns."""
@@ -444,10 +474,14 @@ def adapter_weights(directory):
     return load_file(os.path.join(directory, "adapter_model.safetensors"))
 
 
-def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path):
-    """Tolerance: adapter weights equal within 1e-5 (measured: bit-identical on CPU)."""
+@pytest.mark.parametrize("order", [[], ["--group_by_length", "--max_train_samples", "120"]],
+                         ids=["random-order", "grouped-by-length"])
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path, order):
+    """Tolerance: adapter weights equal within 1e-5 (measured: bit-identical on CPU). With --group_by_length the
+    resumed run must draw the same length-grouped order and skip to the same place in it; on 120 pairs (7 steps
+    of 16 per epoch) it resumes in the second epoch, whose order differs from the first."""
     common = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "0", "--num_eval_generations", "0",
-              "--max_eval_samples", "16"]
+              "--max_eval_samples", "16", *order]
     straight = tmp_path / "straight"
     run_tiny(dpo, dpo_assets, straight, *common)
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
