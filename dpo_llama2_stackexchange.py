@@ -322,7 +322,8 @@ def main(args: Args) -> dict:
         trained_result, _ = evaluate(trainer.model, tokenizer, eval_pairs, args, base_logratios)
 
         # 6. Report: eval.json, the table, the tracker's summary; then the merged model if asked for
-        train_log = [{key: entry[key] for key in ("step", "loss", "grad_norm", "num_tokens") if key in entry}
+        train_log = [{key: entry[key] for key in ("step", "loss", "grad_norm", "num_tokens", "pad_fraction")
+                      if key in entry}
                      for entry in trainer.state.log_history if "loss" in entry]
         result = {"base": base_result, "trained": trained_result, "args": asdict(args),
                   "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
@@ -446,7 +447,9 @@ class QLoRADPOTrainer(DPOTrainer):
     def __init__(self, *args, adapter_dtype: torch.dtype, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter_dtype, self.group_by_length = adapter_dtype, group_by_length
+        self.length_sampler: Optional[LengthGroupedPairs] = None  # with --group_by_length
         self.train_positions = 0  # positions of the training batches (pad included), this run
+        self.window_tokens = self.window_positions = 0  # since the last training log line
         self.cast_adapters()
 
     def cast_adapters(self):
@@ -463,18 +466,34 @@ class QLoRADPOTrainer(DPOTrainer):
             return super()._get_train_sampler(train_dataset)
         lengths = list(self.train_dataset["pair_tokens"])  # counted by load_pairs; same rows as `train_dataset`
         pairs_per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return LengthGroupedPairs(lengths, pairs_per_step, self.args.seed)
+        self.length_sampler = LengthGroupedPairs(lengths, pairs_per_step, self.args.seed)
+        return self.length_sampler
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # accelerate passes the Trainer's set_epoch on through most wrappers, but not through the ones of several
+        # processes resuming mid-epoch (a batch-skipping sampler around a sharding one around ours): the resumed run
+        # would redraw epoch 0's order (test_the_length_sampler_gets_its_epoch_where_accelerate_does_not_pass_it_on).
+        if self.length_sampler is not None:
+            self.length_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         tokens_before = self._total_train_tokens  # TRL adds each training batch's non-pad tokens (all processes)
         result = super().compute_loss(model, inputs, *args, **kwargs)
-        if model.training:  # the share of padding in what was computed: logged as pad_fraction
+        if self.model.training:  # TRL's own test for counting tokens
             mask = inputs["attention_mask"]
             positions = self.accelerator.gather_for_metrics(torch.tensor([mask.numel()], device=mask.device))
             positions = positions.sum().item()
             self.train_positions += positions
-            self._metrics["train"]["pad_fraction"].append(1 - (self._total_train_tokens - tokens_before) / positions)
+            self.window_positions += positions
+            self.window_tokens += self._total_train_tokens - tokens_before
         return result
+
+    def log(self, logs: dict, *args, **kwargs):
+        if self.model.training and self.window_positions:  # the share of padding in what was computed
+            logs["pad_fraction"] = round(1 - self.window_tokens / self.window_positions, 4)
+            self.window_tokens = self.window_positions = 0
+        super().log(logs, *args, **kwargs)
 
     def pad_fraction(self) -> Optional[float]:
         """Share of the training batches' positions that were padding, this run."""
@@ -500,7 +519,8 @@ class LengthGroupedPairs(torch.utils.data.Sampler):
     little padding: transformers' length grouping (random groups of up to 50 steps' pairs, each sorted by length,
     the longest step first, so that memory runs out at once if it will). Drawn from (seed, epoch), which the
     Trainer sets each epoch: a resumed run skips to the same place in the same order. transformers' own
-    group_by_length sampler would look for an `input_ids` column, which DPO data does not have."""
+    length-grouped sampler draws from the global random state, which a resumed run does not restore to where the
+    epoch began."""
 
     def __init__(self, lengths: list[int], pairs_per_step: int, seed: int):
         self.lengths, self.pairs_per_step, self.seed, self.epoch = lengths, pairs_per_step, seed, 0

@@ -594,8 +594,9 @@ class SentimentPPOTrainer(PPOTrainer):
     @torch.no_grad()
     def policy_ratio_error(self, prompts) -> float:
         """Mean |ratio - 1| over response tokens at a first PPO epoch, before any optimizer step: the rollout's
-        log-probabilities (generated as rollouts are: in the load precision, with the rollouts' padding and static
-        cache) against those of the PPO epochs' forward pass (the prepared model, under autocast where it is on),
+        log-probabilities (generated as rollouts are: in the load precision, with the rollouts' padding, and with
+        their static cache given a full batch of prompts) against those of the PPO epochs' forward pass (the
+        prepared model, under autocast where it is on),
         both through TRL's own functions, on up to one batch of `prompts`. Ideally 0; PPO's clipping sees any
         difference as policy change."""
         pad_token_id, temperature = self.processing_class.pad_token_id, self.args.temperature + 1e-7
@@ -708,12 +709,15 @@ def prompt_collator(tokenizer, args: Args):
 @contextmanager
 def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_width: int, response_length: int):
     """While open, the policy's `generate` decodes every rollout-shaped call (`batch_size` prompts of
-    `prompt_width` tokens, `response_length` new tokens) into `cache`, zeroed before each call; other shapes (sample
-    tables, evaluation) keep the dynamic cache and stay uncompiled. transformers 5 would allocate a new static cache
-    on every call, and on a GPU its compiled decode (CUDA graphs) records its graphs again whenever a cache tensor's
-    address changes (see torch._dynamo.mark_static_address), as it does when the PPO epochs' allocations take the
-    freed cache's memory between rollouts (test_rollouts_decode_into_one_static_cache_allocated_once)."""
+    `prompt_width` tokens, `response_length` new tokens) into `cache`, zeroed before each call; calls of other
+    shapes keep the dynamic cache and stay uncompiled (a sample-table batch that happens to have the rollouts' shape
+    uses `cache` too, harmlessly). transformers 5 would allocate a new static cache on every call, and on a GPU its
+    compiled decode (CUDA graphs) records its graphs again whenever a cache tensor's address changes (see
+    torch._dynamo.mark_static_address), which can happen on every rollout once the PPO epochs' allocations take the
+    freed cache's memory: the likely reason the H200 rollout gained little from the static cache (not yet measured
+    since; test_rollouts_decode_into_one_static_cache_allocated_once pins the one allocation)."""
     generate, defaults = policy.generate, policy.generation_config
+    previous = vars(policy).get("generate")  # an instance attribute already there (a wrapper opened around this one)
     # A model's own default cache_implementation would clash with a cache passed in.
     cache_implementation, defaults.cache_implementation = defaults.cache_implementation, None
 
@@ -729,7 +733,10 @@ def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_wid
     try:
         yield cache
     finally:
-        del policy.generate  # back to the class's method
+        if previous is None:
+            del policy.generate  # back to the class's method
+        else:
+            policy.generate = previous
         defaults.cache_implementation = cache_implementation
 
 

@@ -176,8 +176,11 @@ def main():
         old = measure_layouts("dpo", args, [("baseline", script_flags)], lambda name, flags: measure(
             args, work, name, flags, os.path.join(args.baseline, "dpo_llama2_stackexchange.py"))).get("baseline")
     layouts = [(args.name, script_flags)] + [(name, script_flags + flags) for name, flags in variants]
-    measure_layouts("dpo", args, layouts, lambda name, flags: measure(args, work, name, flags), old,
-                    lambda name, new, base: compare(args, name, new, base))
+    rows = measure_layouts("dpo", args, layouts, lambda name, flags: measure(args, work, name, flags), old,
+                           lambda name, new, base: compare(args, name, new, base))
+    for name, _ in variants:  # each lever against the current defaults, measured in this invocation
+        if name in rows and args.name in rows:
+            compare(args, f"{name} vs {args.name}", rows[name], rows[args.name])
     if args.profile_step:  # last: the timed rows are in even if time runs out here
         profile_layouts("dpo", args, layouts, lambda name, flags, profile: profiled_run(args, work, name, flags,
                                                                                         profile))
@@ -187,8 +190,9 @@ def compare(args, name: str, new: dict, old: dict) -> dict:
     """One row with the ratios of two rows measured in this invocation (new over old)."""
     figures = {"steady_step_speedup": round(old["figures"]["steady_seconds_per_step"]
                                             / new["figures"]["steady_seconds_per_step"], 2)}
-    if new["figures"].get("tokens_per_second") and old["figures"].get("tokens_per_second"):
-        # The fair ratio where the two orders put other pairs in the timed steps (--group_by_length).
+    if all(row["figures"].get("tokens_counted") == "run" for row in (new, old)):
+        # The fair ratio where the two orders put other pairs in the timed steps (--group_by_length); only between
+        # rows that counted them (an older copy's row estimates them from the pairs' mean).
         figures["tokens_per_second_ratio"] = round(new["figures"]["tokens_per_second"]
                                                    / old["figures"]["tokens_per_second"], 2)
     if new["figures"]["peak_gpu_memory_gib"] and old["figures"]["peak_gpu_memory_gib"]:

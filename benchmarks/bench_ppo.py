@@ -78,7 +78,12 @@ def profiled_run(args, work: str, name: str, batch_size: int, flags: list[str], 
     output_dir = os.path.join(work, f"{name}-profiled")
     shutil.rmtree(output_dir, ignore_errors=True)
     return run_script(script_command(args, work, output_dir, batch_size, args.profile_step, "ppo_gpt2_imdb.py")
-                      + flags, profile, args.compile_decode_on_cpu)
+                      + flags, profile, compile_decode_on_cpu(args))
+
+
+def compile_decode_on_cpu(args) -> bool:
+    """--compile_decode_on_cpu, on a CPU run (a GPU compiles static-cache decoding anyway)."""
+    return args.compile_decode_on_cpu and args.device == "cpu"
 
 
 def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py") -> dict:
@@ -87,7 +92,7 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     updates = args.updates or (5 if args.arch == "gpt2" else None)
     measured = run_script(script_command(args, work, output_dir, batch_size, updates, script) + flags,
-                          compile_decode_on_cpu=args.compile_decode_on_cpu)
+                          compile_decode_on_cpu=compile_decode_on_cpu(args))
     result = json.load(open(os.path.join(output_dir, "eval.json")))
     run_args = result["args"]
     settings = {"arch": args.arch, "device": args.device, "layout": name, "batch_size": run_args["batch_size"],
@@ -100,7 +105,7 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
     settings["bf16_autocast"] = run_args.get("bf16_autocast", False) and args.device == "cuda"
     settings["static_cache_generation"] = run_args.get("static_cache_generation", False)
     settings["compile_ppo_epochs"] = run_args.get("compile_ppo_epochs")
-    if args.compile_decode_on_cpu:
+    if compile_decode_on_cpu(args):
         settings["decode_compiled_on_cpu"] = True
     steady = measured["steady_seconds_per_step"]
     samples = run_args["batch_size"]

@@ -388,6 +388,10 @@ def test_grouping_pairs_by_length_cuts_padding_and_still_learns(dpo_assets, tmp_
     print(f"padding {plain['pad_fraction']:.3f} -> {grouped['pad_fraction']:.3f}; grouped accuracy "
           f"{grouped['base']['accuracy']:.3f} -> {grouped['trained']['accuracy']:.3f}")
     assert 0 < grouped["pad_fraction"] < plain["pad_fraction"] / 2
+    logged = {name: [entry["pad_fraction"] for entry in run["train_log"]] for name, run in (("plain", plain),
+                                                                                          ("grouped", grouped))}
+    assert len(logged["grouped"]) == grouped["steps"] // 10  # one per log line (every 10 steps)
+    assert max(logged["grouped"]) < min(logged["plain"])  # every window, not just the run's total
     assert grouped["trained"]["accuracy"] >= grouped["base"]["accuracy"] + 0.25
     assert grouped["trained"]["implicit_reward_margin"] > 0.5
 
@@ -406,6 +410,27 @@ def test_length_grouped_order_is_a_permutation_fixed_by_seed_and_epoch_with_simi
     spread = sum(max(step) - min(step) for step in steps) / len(steps)
     random_steps = [lengths[k : k + 16] for k in range(0, 640, 16)]
     assert spread < sum(max(step) - min(step) for step in random_steps) / len(random_steps) / 4
+
+
+def test_the_length_sampler_gets_its_epoch_where_accelerate_does_not_pass_it_on(monkeypatch):
+    """The Trainer sets each epoch on its dataloader, and accelerate passes it on to the sampler, except through the
+    wrappers of several processes resuming mid-epoch: there ours would stay at epoch 0 and a resumed run would redraw
+    the first epoch's order. The script's trainer sets it on the sampler itself as each epoch starts."""
+    import transformers
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    sampler = dpo.LengthGroupedPairs(list(range(10, 74)), pairs_per_step=8, seed=0)
+    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4, sampler=sampler)
+    loader = skip_first_batches(prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False), 3)
+    loader.set_epoch(1)  # what the Trainer does, in both places it tries
+    underlying = getattr(loader.batch_sampler, "batch_sampler", None)
+    if hasattr(underlying, "set_epoch"):
+        underlying.set_epoch(1)
+    assert sampler.epoch == 0  # accelerate's wrappers did not pass it on
+    monkeypatch.setattr(transformers.Trainer, "_run_epoch", lambda self, model, epoch, *args, **kwargs: epoch)
+    trainer = object.__new__(dpo.QLoRADPOTrainer)  # only the epoch hook is needed
+    trainer.length_sampler = sampler
+    assert trainer._run_epoch(None, 1) == 1 and sampler.epoch == 1
 
 
 def raw_column_gain(assets, adapter_dir, rows) -> float:
@@ -478,8 +503,8 @@ def adapter_weights(directory):
                          ids=["random-order", "grouped-by-length"])
 def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path, order):
     """Tolerance: adapter weights equal within 1e-5 (measured: bit-identical on CPU). With --group_by_length the
-    resumed run must draw the same length-grouped order and skip to the same place in it; on 120 pairs (7 steps
-    of 16 per epoch) it resumes in the second epoch, whose order differs from the first."""
+    resumed run must draw the same length-grouped order and skip to the same place in it; on at most 120 pairs
+    (8 steps of 16 per epoch at most) it resumes in the second epoch, whose order differs from the first."""
     common = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "0", "--num_eval_generations", "0",
               "--max_eval_samples", "16", *order]
     straight = tmp_path / "straight"

@@ -367,6 +367,23 @@ def test_rollouts_decode_into_one_static_cache_allocated_once(ppo_assets, tmp_pa
     assert result["policy_ratio_error"] < 1e-4  # the static-cache rollout agrees with the PPO epochs' pass
 
 
+def test_the_rollout_cache_wrapper_restores_what_it_found(ppo_assets):
+    """Opened inside another (a ratio check during training, say), the wrapper gives back the outer one on exit,
+    and the outer one the class's own `generate`; the model's default cache_implementation comes back too."""
+    from transformers.cache_utils import StaticCache
+
+    policy = AutoModelForCausalLM.from_pretrained(f"{ppo_assets}/gpt2")
+    policy.generation_config.cache_implementation = "dynamic"
+    cache = StaticCache(config=policy.config, max_cache_len=24)
+    with ppo.rollouts_decode_into(cache, policy, batch_size=4, prompt_width=8, response_length=16):
+        outer = policy.generate
+        assert policy.generation_config.cache_implementation is None
+        with ppo.rollouts_decode_into(cache, policy, batch_size=4, prompt_width=8, response_length=16):
+            assert policy.generate is not outer
+        assert policy.generate is outer
+    assert "generate" not in vars(policy) and policy.generation_config.cache_implementation == "dynamic"
+
+
 @pytest.mark.slow
 def test_static_cache_rollouts_learn_like_dynamic_ones(ppo_assets, tmp_path):
     """--static_cache_generation on the tiny preset: the learning test's margins, and the first PPO epoch's policy
