@@ -612,8 +612,19 @@ class SentimentPPOTrainer(PPOTrainer):
                                                                       config)
         responses = query_responses[:, context:]
         rollout = selective_log_softmax(logits, responses)
-        output, _ = trl_ppo_module.forward(self.model, query_responses, pad_token_id)
-        epoch = selective_log_softmax(output.logits[:, context - 1 : -1].float() / temperature, responses)
+        # The PPO epochs' pass as they run it: training mode, gradients on, their micro-batch size. A compiled run
+        # then reuses its training graph instead of compiling another for this check.
+        micro = min(self.args.per_device_train_batch_size, self.args.local_mini_batch_size)
+        training = self.model.training
+        self.model.train()
+        epoch = []
+        with torch.enable_grad():
+            for start in range(0, len(query_responses), micro):
+                output, _ = trl_ppo_module.forward(self.model, query_responses[start : start + micro], pad_token_id)
+                logits = output.logits[:, context - 1 : -1].detach().float() / temperature
+                epoch.append(selective_log_softmax(logits, responses[start : start + micro]))
+        self.model.train(training)
+        epoch = torch.cat(epoch)
         eos = (responses == self.processing_class.eos_token_id).long()
         valid = torch.cumsum(eos, 1) - eos == 0  # tokens up to and including the first EOS; TRL masks the rest
         return ((epoch - rollout).exp() - 1).abs()[valid].mean().item()
