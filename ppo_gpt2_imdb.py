@@ -596,9 +596,8 @@ class SentimentPPOTrainer(PPOTrainer):
         """Mean |ratio - 1| over response tokens at a first PPO epoch, before any optimizer step: the rollout's
         log-probabilities (generated as rollouts are: in the load precision, with the rollouts' padding, and with
         their static cache given a full batch of prompts) against those of the PPO epochs' forward pass (the
-        prepared model, under autocast where it is on),
-        both through TRL's own functions, on up to one batch of `prompts`. Ideally 0; PPO's clipping sees any
-        difference as policy change."""
+        prepared model as the epochs run it, under autocast where it is on), both through TRL's own functions, on
+        up to one batch of `prompts`. Ideally 0; PPO's clipping sees any difference as policy change."""
         pad_token_id, temperature = self.processing_class.pad_token_id, self.args.temperature + 1e-7
         collate = prompt_collator(self.processing_class, self.settings)
         queries = collate([{"input_ids": ids} for ids in list(prompts)[: self.args.local_batch_size]])

@@ -119,7 +119,7 @@ def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_lla
                "pad_fraction": result.get("pad_fraction")}  # absent from older copies of the script
     if args.arch != "tiny":
         settings.update(num_layers=args.num_layers, max_length=args.max_length)
-        tokens_per_step = steady_tokens_per_step(result["train_log"] if "train_log" in result else [])
+        tokens_per_step = steady_tokens_per_step(result.get("train_log", []))
         figures["tokens_counted"] = "run" if tokens_per_step else "pairs mean"
         if not tokens_per_step:  # an older copy of the script, which does not log them
             tokens_per_step = pairs_per_step * mean_pair_tokens(
