@@ -116,11 +116,15 @@ class Args:
     bf16_autocast: bool = arg(False, "GPU: the PPO epochs' forward passes under bf16 autocast. Off: slower at "
                               "GPT-2 size (H200: 0.28 -> 0.32 s per update); no effect on a CPU")
     static_cache_generation: bool = arg(False, "rollouts decode into one static KV cache (compiled on a GPU). Off: "
-                                        "H200 saved 0.04 s per update with a new cache per rollout; one reused "
-                                        "cache not yet measured")
+                                        "H200 1.08-1.22x per update, +0.21 GiB, but the decode compiles for about "
+                                        "20 s, which one pass over IMDB does not earn back")
     compile_ppo_epochs: Optional[str] = arg(None, "torch.compile mode for the policy and value passes of the PPO "
                                             "epochs: default, reduce-overhead (GPU: CUDA graphs too) or "
-                                            "max-autotune; None: eager. Not yet measured on a GPU")
+                                            "max-autotune; None: eager. H200, reduce-overhead with the static "
+                                            "cache: 1.52x per update, 10.9 GiB, but 63 s compiling (pays back "
+                                            "after about 340 updates)")
+    logprob_chunk_mib: int = arg(32, "log-probabilities over the vocabulary computed this many MiB of logits at a "
+                                 "time (TRL: one prompt's at a time, about 13 GPU kernels each); 0: TRL's own")
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny models and data are built")
 
 
@@ -408,14 +412,16 @@ def report(reference: dict, trained: dict, wandb_run=None):
 # %% Appendix A: TRL 1.12 workarounds. Where this script touches TRL's PPO trainer, and why:
 # - the reward model interface: TRL calls `score(backbone(policy ids))`; DistilBERT has its own tokenizer
 #   (SentimentReward, DecodeAndClassify)
-# - PPOTrainer.train: swaps the module globals `gc` and `empty_cache` of trl.experimental.ppo.ppo_trainer while it
-#   runs (TRL's per-update memory freeing), and the policy's `generate` (rollouts into one static cache)
+# - PPOTrainer.train: swaps the module globals `forward`, `selective_log_softmax`, `gc` and `empty_cache` of
+#   trl.experimental.ppo.ppo_trainer while it runs (a KV cache nobody reads, a per-row loop, TRL's per-update memory
+#   freeing), and the policy's `generate` (rollouts into one static cache)
 # - PPOTrainer.dataloader: replaced by a resumable batch order (TRL reshuffles from the global RNG, cannot resume)
 # - PPOTrainer.log / generate_completions / sample_generations_freq: the reward's spread, phase timings, sample
 #   tables every N updates without shifting training's RNG
 # - callbacks and accelerate's save_state/load_state: checkpoints and resume (TRL 1.12's PPO has none)
 # - save_outputs: not TRL's save_model, which fails with several processes
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from types import SimpleNamespace
 
 from transformers import DataCollatorWithPadding, GenerationConfig, StaticCache, TrainerCallback
@@ -520,17 +526,32 @@ class SentimentPPOTrainer(PPOTrainer):
             compile_ppo_epochs(wrapper, settings.compile_ppo_epochs)
 
     def train(self):
-        # TRL's loop runs gc.collect() twice and empties the CUDA cache about ten times per update, to keep big
-        # models' peak memory down. For GPT-2 that costs more than it saves: one collect took 0.22 s on 2 CPU cores
-        # (a tiny update went from 0.68 s to 0.22 s without them), and an emptied cache makes every update ask the
-        # GPU driver for its memory again. Python's own collector still runs as usual.
-        swapped = {} if self.settings.free_memory_each_update else \
-            {"gc": SimpleNamespace(collect=lambda *args: 0), "empty_cache": lambda: None}
+        with self.trl_functions_swapped(), self.rollout_generation():
+            return super().train()
+
+    @contextmanager
+    def trl_functions_swapped(self):
+        """While open, TRL's PPO loop calls these in place of its module's own (trl.experimental.ppo.ppo_trainer):
+        - `forward` (the PPO epochs' policy-and-value pass, the rollout's reference pass): the same pass without a
+          KV cache. GPT-2's config turns the cache on, so TRL's copied every layer's keys and values into one
+          (two more kernels per layer) and kept them alive through the loss and backward, for nothing.
+        - `selective_log_softmax`: the same values a chunk of rows at a time (log_softmax_in_chunks), unless
+          --logprob_chunk_mib 0.
+        - `gc` and `empty_cache`, unless --free_memory_each_update: TRL runs gc.collect() twice and empties the CUDA
+          cache about ten times per update, to keep big models' peak memory down. For GPT-2 that costs more than it
+          saves: one collect took 0.22 s on 2 CPU cores (a tiny update went from 0.68 s to 0.22 s without them), and
+          an emptied cache makes every update ask the GPU driver for its memory again. Python's own collector still
+          runs as usual."""
+        swapped = {"forward": forward_without_kv_cache}
+        if self.settings.logprob_chunk_mib:
+            swapped["selective_log_softmax"] = partial(log_softmax_in_chunks,
+                                                       chunk_bytes=self.settings.logprob_chunk_mib * 2**20)
+        if not self.settings.free_memory_each_update:
+            swapped.update(gc=SimpleNamespace(collect=lambda *args: 0), empty_cache=lambda: None)
         saved = {name: getattr(trl_ppo_module, name) for name in swapped}
         vars(trl_ppo_module).update(swapped)
         try:
-            with self.rollout_generation():
-                return super().train()
+            yield
         finally:
             vars(trl_ppo_module).update(saved)
 
@@ -606,23 +627,25 @@ class SentimentPPOTrainer(PPOTrainer):
                                   top_p=1.0, do_sample=True)
         policy, context = self.accelerator.unwrap_model(self.model).policy, queries.shape[1]
         cuda = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), self.rollout_generation():
-            query_responses, logits = trl_ppo_module.batch_generation(policy, queries, len(queries), pad_token_id,
-                                                                      config)
-        responses = query_responses[:, context:]
-        rollout = selective_log_softmax(logits, responses)
-        # The PPO epochs' pass as they run it: training mode, gradients on, their micro-batch size. A compiled run
-        # then reuses its training graph instead of compiling another for this check.
-        micro = min(self.args.per_device_train_batch_size, self.args.local_mini_batch_size)
-        training = self.model.training
-        self.model.train()
-        epoch = []
-        with torch.enable_grad():
-            for start in range(0, len(query_responses), micro):
-                output, _ = trl_ppo_module.forward(self.model, query_responses[start : start + micro], pad_token_id)
-                logits = output.logits[:, context - 1 : -1].detach().float() / temperature
-                epoch.append(selective_log_softmax(logits, responses[start : start + micro]))
-        self.model.train(training)
+        with self.trl_functions_swapped():  # the functions training ran with
+            with torch.random.fork_rng(devices=cuda), self.rollout_generation():
+                query_responses, logits = trl_ppo_module.batch_generation(policy, queries, len(queries),
+                                                                          pad_token_id, config)
+            responses = query_responses[:, context:]
+            rollout = trl_ppo_module.selective_log_softmax(logits, responses)
+            # The PPO epochs' pass as they run it: training mode, gradients on, their micro-batch size. A compiled
+            # run then reuses its training graph instead of compiling another for this check.
+            micro = min(self.args.per_device_train_batch_size, self.args.local_mini_batch_size)
+            training = self.model.training
+            self.model.train()
+            epoch = []
+            with torch.enable_grad():
+                for start in range(0, len(query_responses), micro):
+                    output, _ = trl_ppo_module.forward(self.model, query_responses[start : start + micro],
+                                                       pad_token_id)
+                    logits = output.logits[:, context - 1 : -1].detach().float() / temperature
+                    epoch.append(trl_ppo_module.selective_log_softmax(logits, responses[start : start + micro]))
+            self.model.train(training)
         epoch = torch.cat(epoch)
         eos = (responses == self.processing_class.eos_token_id).long()
         valid = torch.cumsum(eos, 1) - eos == 0  # tokens up to and including the first EOS; TRL masks the rest
@@ -750,6 +773,34 @@ def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_wid
         defaults.cache_implementation = cache_implementation
 
 
+def forward_without_kv_cache(model, query_responses, pad_token_id: int):
+    """TRL's `forward` (trl.experimental.ppo.ppo_trainer.forward), with use_cache=False: the same outputs, without
+    the KV cache that the model's config would build and TRL never reads."""
+    attention_mask = query_responses != pad_token_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True,
+                 output_hidden_states=True, use_cache=False)
+
+
+def log_softmax_in_chunks(logits: torch.Tensor, index: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """TRL's selective_log_softmax (log_softmax(logits) at `index`, one value per position), a chunk of
+    `chunk_bytes` of logits at a time. TRL loops over the batch one row at a time to bound memory, so its kernel
+    count grows with the batch: for 128 x 16 x 50257 logits, forward and backward, 4,520 PyTorch operations against
+    783 here at 32 MiB, and 1.54 s against 0.91 s on 2 CPU cores (tests/test_ppo.py pins the count and the equal
+    values). The same arithmetic per row as TRL's: logsumexp in fp32 and fp64, log_softmax in lower precisions."""
+    if index.ndim != logits.ndim - 1:  # top-K indices: TRL's own
+        return selective_log_softmax(logits, index)
+    rows = max(1, chunk_bytes // max(1, logits[0].numel() * logits.element_size()))
+    chunks = []
+    for chunk, chunk_index in zip(logits.split(rows), index.split(rows)):
+        if logits.dtype in (torch.float32, torch.float64):
+            chunks.append(chunk.gather(-1, chunk_index.unsqueeze(-1)).squeeze(-1) - chunk.logsumexp(-1))
+        else:  # TRL: logsumexp is unstable in bf16
+            chunks.append(chunk.log_softmax(-1).gather(-1, chunk_index.unsqueeze(-1)).squeeze(-1))
+    return torch.cat(chunks)
+
+
 def compile_ppo_epochs(wrapper, mode: str):
     """Compiles the forward (and so the backward) of TRL's policy-and-value wrapper, which only the PPO epochs call:
     generation and the rollout's reference, value and reward passes stay eager. The compiled function replaces the
@@ -797,6 +848,8 @@ def validate(args: Args):
     if args.compile_ppo_epochs is not None and args.compile_ppo_epochs not in modes:
         fail(f"--compile_ppo_epochs must be one of {', '.join(modes)} (torch.compile's modes), or unset for eager; "
              f"got '{args.compile_ppo_epochs}'.")
+    if args.logprob_chunk_mib < 0:
+        fail(f"--logprob_chunk_mib must be 0 (TRL's row-by-row log-probabilities) or more, got {args.logprob_chunk_mib}.")
     if args.compile_ppo_epochs in ("reduce-overhead", "max-autotune") and not on_gpu(args):
         fail(f"--compile_ppo_epochs {args.compile_ppo_epochs} records CUDA graphs, which need a GPU, and this run "
              "has none. Use --compile_ppo_epochs default (or max-autotune-no-cudagraphs) on a CPU.")

@@ -3,7 +3,7 @@
 # BASELINE_DIR (default .old: `git archive <commit> ppo_gpt2_imdb.py dpo_llama2_stackexchange.py | tar -x -C .old`),
 # measured in the same call, plus each lever against the current defaults. One call per group fits the 10-minute
 # limit of a call:
-#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 8-9 min
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 9 min
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 8 min; carry the liger-kernel wheel
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
 # Each part runs on its own (a layout that fails gets a row saying why, and the rest still runs); a part that cannot
@@ -48,19 +48,20 @@ for line in sys.stdin:
 
 if [[ $GROUP == ppo ]]; then
   # GPT-2 124M + DistilBERT 66M shapes, 12 updates of 128. The machine's inductor cache starts empty: the first
-  # variant, both levers together (the candidate defaults), pays the cold compilation a user's first run pays; the
-  # later ones may find parts of theirs cached (their first_update_seconds can understate a cold start).
-  # `static-cache` alone: rollouts decode into one reused cache (transformers compiles the decode with CUDA graphs);
-  # the code before that allocated a new cache per rollout (H200, earlier session: 0.433 s/update against 0.455).
-  # `static-cache-compile` is the candidate should CUDA graphs fail for the PPO epochs (its row then says why).
+  # variant, both levers together (the candidate defaults), pays the cold compilation a user's first run pays
+  # (H200, 2026-11-26: 62.9 s, of it about 40 s for the PPO epochs' graph and 20 s for the decode); its `-warm`
+  # repeat, right after it, shows what a second run on the same machine pays. `trl-logprobs` measures the script's
+  # chunked log-probabilities against TRL's row-by-row loop. Measured on 2026-11-26, and so left out here: the
+  # static cache and compiled epochs in default mode, alone and together.
   # After all timed rows, each layout but the baseline runs once more, 3 updates, to profile update 3 (operations
   # ranked by GPU and CPU time, kernel launches).
+  both="--static_cache_generation true --compile_ppo_epochs reduce-overhead"
   part ppo 540 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --baseline "$BASELINE" --profile_step 3 \
-    --variant "static-cache-compile-cudagraphs: --static_cache_generation true --compile_ppo_epochs reduce-overhead" \
+    --variant "static-cache-compile-cudagraphs: $both" \
+    --variant "static-cache-compile-cudagraphs-warm: $both" \
+    --variant "trl-logprobs: --logprob_chunk_mib 0" \
     --variant "static-cache: --static_cache_generation true" \
-    --variant "static-cache-compile: --static_cache_generation true --compile_ppo_epochs default" \
-    --variant "compile: --compile_ppo_epochs default" \
     --variant "compile-cudagraphs: --compile_ppo_epochs reduce-overhead"
 fi
 

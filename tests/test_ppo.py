@@ -195,6 +195,7 @@ def test_a_model_directory_without_a_fitting_tokenizer_is_explained(ppo_assets, 
     ("--total_episodes", "0", r"--total_episodes must be positive"),
     ("--report_to", "mlflow", r"--report_to must be wandb, tensorboard or none"),
     ("--compile_ppo_epochs", "fast", r"--compile_ppo_epochs must be one of default, .*reduce-overhead.*got 'fast'"),
+    ("--logprob_chunk_mib", "-1", r"--logprob_chunk_mib must be 0 \(TRL's row-by-row log-probabilities\) or more"),
     ("--batch_size", "10000", r"Only \d+ training prompts remain after filtering, fewer than one --batch_size \(10000\)"),
 ])
 def test_bad_settings_stop_with_one_paragraph(ppo_assets, tmp_path, setting, value, expected):
@@ -527,6 +528,95 @@ def test_trl_memory_freeing_is_skipped_unless_asked_for(ppo_assets, tmp_path, mo
         counts[free] = len(calls)
     assert counts["true"] - counts["false"] >= 2 * 5  # two per update, 5 updates
     assert ppo.trl_ppo_module.gc is gc and ppo.trl_ppo_module.empty_cache.__module__ == "trl.experimental.utils"
+
+
+class CountedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ATen operations run under it, by name (on a GPU each is about one kernel launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_probabilities_in_chunks_equal_trls_with_a_few_kernels_instead_of_a_set_per_prompt(dtype):
+    """TRL's selective_log_softmax loops over the batch one row at a time, so every PPO update runs its reductions
+    once per prompt (128 at the defaults: at 128 x 16 x 50257, forward and backward, 4,520 PyTorch operations against
+    783 in 32 MiB chunks). The script's version runs them once per chunk of rows, with the same values and
+    gradients (bit-identical on CPU), and keeps TRL's own for top-K indices."""
+    from trl.trainer.utils import selective_log_softmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 4, 1000).to(dtype)
+    index = torch.randint(0, 1000, (64, 4))
+    chunk_bytes = 16 * 4 * 1000 * logits.element_size()  # 16 rows: 4 chunks
+
+    def run(function):
+        leaf = logits.clone().requires_grad_()
+        with CountedOps() as ops:
+            values = function(leaf, index)
+            values.float().square().sum().backward()
+        return values.detach(), leaf.grad, ops.counts
+
+    reduction = "logsumexp" if dtype == torch.float32 else "_log_softmax"
+    trl_values, trl_grad, trl_ops = run(selective_log_softmax)
+    assert trl_ops[reduction] == 64  # the bug: if this fails, TRL stopped looping over rows and the swap can go
+    values, grad, ops = run(lambda x, i: ppo.log_softmax_in_chunks(x, i, chunk_bytes))
+    assert ops[reduction] == 4
+    print(f"{dtype}: {sum(trl_ops.values())} operations in TRL's, {sum(ops.values())} in chunks")
+    assert sum(ops.values()) < sum(trl_ops.values()) / 3
+    assert torch.equal(values, trl_values) and torch.equal(grad, trl_grad)
+    top_k = torch.randint(0, 1000, (64, 4, 3))
+    assert torch.equal(ppo.log_softmax_in_chunks(logits, top_k, chunk_bytes), selective_log_softmax(logits, top_k))
+
+
+def test_trls_forward_builds_a_kv_cache_nobody_reads_and_the_scripts_builds_none(ppo_assets):
+    """GPT-2's config turns its KV cache on, so TRL's `forward` (the PPO epochs' policy-and-value pass, the rollout's
+    reference pass) copies every layer's keys and values into a cache that nothing reads and that stays alive through
+    the loss and backward. The script's pass turns it off: the same logits, values and gradients, fewer operations
+    (measured on a 12-layer GPT-2: 3,547 -> 3,211 per forward and backward)."""
+    query_responses = torch.randint(1, 500, (4, 12))
+    query_responses[:2, :3] = 0  # left padding, as TRL's batches have
+    results = {}
+    for name, forward in (("trl", ppo.trl_ppo_module.forward), ("script", ppo.forward_without_kv_cache)):
+        model = policy_and_value(ppo_assets)
+        with CountedOps() as ops:
+            output, values = forward(model, query_responses, 0)
+            (output.logits.logsumexp(-1).mean() + values.square().mean()).backward()
+        results[name] = (output, values, [p.grad for p in model.parameters()], ops.counts)
+    (trl_output, trl_values, trl_grads, trl_ops), (output, values, grads, ops) = results["trl"], results["script"]
+    layers = AutoConfig.from_pretrained(f"{ppo_assets}/gpt2").n_layer
+    assert type(trl_output.past_key_values).__name__ == "DynamicCache"  # the bug, pinned
+    assert trl_ops["cat"] - ops.get("cat", 0) == 2 * 2 * layers  # keys and values, policy and value model
+    assert output.past_key_values is None
+    assert torch.equal(output.logits, trl_output.logits) and torch.equal(values, trl_values)
+    assert all(torch.equal(a, b) for a, b in zip(grads, trl_grads))
+
+
+def test_training_and_the_ratio_check_run_with_the_scripts_functions_and_trls_come_back(ppo_assets, tmp_path,
+                                                                                        monkeypatch):
+    """The swaps hold while TRL's loop runs and while the ratio check repeats its pass, and only then."""
+    calls = {"chunks": 0, "forward": 0}
+    chunks, forward = ppo.log_softmax_in_chunks, ppo.forward_without_kv_cache
+    monkeypatch.setattr(ppo, "log_softmax_in_chunks",
+                        lambda *args, **kwargs: calls.__setitem__("chunks", calls["chunks"] + 1) or chunks(*args, **kwargs))
+    monkeypatch.setattr(ppo, "forward_without_kv_cache",
+                        lambda *args: calls.__setitem__("forward", calls["forward"] + 1) or forward(*args))
+    trl_functions = {name: getattr(ppo.trl_ppo_module, name) for name in ("forward", "selective_log_softmax")}
+    result = run_tiny(ppo, ppo_assets, tmp_path / "chunks", *ROLLOUTS_OF_8)
+    # Per update: the rollout's two log-probability calls and reference pass, one PPO epoch pass per epoch.
+    updates, epochs = 5, 4
+    assert calls == {"chunks": updates * (2 + epochs) + 2, "forward": updates * (1 + epochs) + 1}  # + the check
+    assert result["policy_ratio_error"] < 1e-4
+    assert {name: getattr(ppo.trl_ppo_module, name) for name in trl_functions} == trl_functions
+    calls["chunks"] = 0
+    run_tiny(ppo, ppo_assets, tmp_path / "trl", *ROLLOUTS_OF_8, "--logprob_chunk_mib", "0")
+    assert calls["chunks"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- nothing lost
