@@ -53,11 +53,12 @@ def build_shape_faithful_models(directory: str):
 
 # TRL's example on one GPU (examples/scripts/ppo/ppo.py, its first command): 64 prompts per update in one
 # micro-batch; PPOConfig's defaults for the rest (num_mini_batches 1, local_rollout_forward_batch_size 64), no TF32,
-# and TRL's loop as it is, with its gc.collect() and CUDA cache emptying every update.
+# and TRL's loop with its gc.collect() and CUDA cache emptying every update and its row-by-row log-probabilities.
+# Still the script's: its training passes build no KV cache (always on), its prompts come from its own loader.
 TRL_EXAMPLE_BATCH = 64
 TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches", "1", "--tf32", "false",
                      "--bf16_autocast", "false", "--static_cache_generation", "false",
-                     "--free_memory_each_update", "true"]
+                     "--free_memory_each_update", "true", "--logprob_chunk_mib", "0"]
 
 
 def script_command(args, work: str, output_dir: str, batch_size: int, updates, script: str) -> list:
@@ -105,6 +106,7 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
     settings["bf16_autocast"] = run_args.get("bf16_autocast", False) and args.device == "cuda"
     settings["static_cache_generation"] = run_args.get("static_cache_generation", False)
     settings["compile_ppo_epochs"] = run_args.get("compile_ppo_epochs")
+    settings["logprob_chunk_mib"] = run_args.get("logprob_chunk_mib", 0)  # older copies: TRL's row-by-row loop
     if compile_decode_on_cpu(args):
         settings["decode_compiled_on_cpu"] = True
     steady = measured["steady_seconds_per_step"]

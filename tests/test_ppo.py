@@ -447,7 +447,7 @@ def test_compiled_ppo_epochs_trace_into_one_graph_after_one_eager_call(ppo_asset
     pad = 0
 
     def run(model):
-        output, values = ppo.trl_ppo_module.forward(model, query_responses, pad)
+        output, values = ppo.forward_without_kv_cache(model, query_responses, pad)  # the pass training makes
         (output.logits.float().logsumexp(-1).mean() + values.square().mean()).backward()
         gradients = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return output.logits.detach(), values.detach(), gradients
@@ -546,9 +546,9 @@ class CountedOps(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_log_probabilities_in_chunks_equal_trls_with_a_few_kernels_instead_of_a_set_per_prompt(dtype):
     """TRL's selective_log_softmax loops over the batch one row at a time, so every PPO update runs its reductions
-    once per prompt (128 at the defaults: at 128 x 16 x 50257, forward and backward, 4,520 PyTorch operations against
-    783 in 32 MiB chunks). The script's version runs them once per chunk of rows, with the same values and
-    gradients (bit-identical on CPU), and keeps TRL's own for top-K indices."""
+    once per prompt (128 at the defaults: at 128 x 16 x 50257, forward and backward, 1,170 ATen operations by this
+    counter against 243 in 32 MiB chunks). The script's version runs them once per chunk of rows, with the same
+    values and gradients (bit-identical on CPU), and keeps TRL's own for top-K indices."""
     from trl.trainer.utils import selective_log_softmax
 
     torch.manual_seed(0)
@@ -579,7 +579,7 @@ def test_trls_forward_builds_a_kv_cache_nobody_reads_and_the_scripts_builds_none
     """GPT-2's config turns its KV cache on, so TRL's `forward` (the PPO epochs' policy-and-value pass, the rollout's
     reference pass) copies every layer's keys and values into a cache that nothing reads and that stays alive through
     the loss and backward. The script's pass turns it off: the same logits, values and gradients, fewer operations
-    (measured on a 12-layer GPT-2: 3,547 -> 3,211 per forward and backward)."""
+    (by this counter, at GPT-2 size and 8 x 24 tokens: 3,021 -> 2,829 ATen operations for a forward and backward)."""
     query_responses = torch.randint(1, 500, (4, 12))
     query_responses[:2, :3] = 0  # left padding, as TRL's batches have
     results = {}
@@ -601,10 +601,15 @@ def test_trls_forward_builds_a_kv_cache_nobody_reads_and_the_scripts_builds_none
 def test_training_and_the_ratio_check_run_with_the_scripts_functions_and_trls_come_back(ppo_assets, tmp_path,
                                                                                         monkeypatch):
     """The swaps hold while TRL's loop runs and while the ratio check repeats its pass, and only then."""
-    calls = {"chunks": 0, "forward": 0}
+    calls, chunk_sizes = {"chunks": 0, "forward": 0}, set()
     chunks, forward = ppo.log_softmax_in_chunks, ppo.forward_without_kv_cache
-    monkeypatch.setattr(ppo, "log_softmax_in_chunks",
-                        lambda *args, **kwargs: calls.__setitem__("chunks", calls["chunks"] + 1) or chunks(*args, **kwargs))
+
+    def chunked(logits, index, chunk_bytes):
+        calls["chunks"] += 1
+        chunk_sizes.add(chunk_bytes)
+        return chunks(logits, index, chunk_bytes)
+
+    monkeypatch.setattr(ppo, "log_softmax_in_chunks", chunked)
     monkeypatch.setattr(ppo, "forward_without_kv_cache",
                         lambda *args: calls.__setitem__("forward", calls["forward"] + 1) or forward(*args))
     trl_functions = {name: getattr(ppo.trl_ppo_module, name) for name in ("forward", "selective_log_softmax")}
@@ -612,11 +617,13 @@ def test_training_and_the_ratio_check_run_with_the_scripts_functions_and_trls_co
     # Per update: the rollout's two log-probability calls and reference pass, one PPO epoch pass per epoch.
     updates, epochs = 5, 4
     assert calls == {"chunks": updates * (2 + epochs) + 2, "forward": updates * (1 + epochs) + 1}  # + the check
+    assert chunk_sizes == {32 * 2**20}  # --logprob_chunk_mib's default, in bytes
     assert result["policy_ratio_error"] < 1e-4
     assert {name: getattr(ppo.trl_ppo_module, name) for name in trl_functions} == trl_functions
     calls["chunks"] = 0
-    run_tiny(ppo, ppo_assets, tmp_path / "trl", *ROLLOUTS_OF_8, "--logprob_chunk_mib", "0")
+    trl = run_tiny(ppo, ppo_assets, tmp_path / "trl", *ROLLOUTS_OF_8, "--logprob_chunk_mib", "0")
     assert calls["chunks"] == 0
+    assert trl["trained"]["reward_mean"] == result["trained"]["reward_mean"]  # the same values: the same training
 
 
 # ---------------------------------------------------------------------------------------------- nothing lost
