@@ -324,7 +324,7 @@ def main(args: Args) -> dict:
                   "updates": trainer.total_updates, "updates_this_run": updates_run,
                   "seconds_per_update": round(train_seconds / max(updates_run, 1), 4),
                   "samples_per_second": round(updates_run * trainer.args.batch_size / train_seconds, 2),
-                  **trainer.steady_phase_seconds(),
+                  **trainer.phase_timings(),
                   "policy_ratio_error": round(trainer.policy_ratio_error(eval_prompts["input_ids"]), 6),
                   "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
                   if torch.cuda.is_available() else None, "written_by_process": PartialState().process_index}
@@ -598,13 +598,16 @@ class SentimentPPOTrainer(PPOTrainer):
             self.phase_started = {}
         super().log(logs, *args, **kwargs)
 
-    def steady_phase_seconds(self) -> dict:
-        """Mean seconds per update of each phase, leaving out the first update (warm-up) when there are others."""
-        means = {}
+    def phase_timings(self) -> dict:
+        """Mean seconds per update of each phase, leaving out the first update (warm-up) when there are others, and
+        the first update's own: a compiled decode compiles in the first rollout, compiled PPO epochs in the first
+        optimisation."""
+        timings = {}
         for phase, seconds in self.phase_seconds.items():
             steady = seconds[1:] or seconds
-            means[f"{phase}_seconds_per_update"] = round(sum(steady) / len(steady), 4) if steady else None
-        return means
+            timings[f"{phase}_seconds_per_update"] = round(sum(steady) / len(steady), 4) if steady else None
+            timings[f"first_{phase}_seconds"] = round(seconds[0], 4) if seconds else None
+        return timings
 
     def generate_completions(self, sampling: bool = False):
         # Sample tables must not shift training's random numbers (a resumed run would diverge from the original).

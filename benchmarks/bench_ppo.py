@@ -116,6 +116,9 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
                "samples_per_second": round(samples / steady, 2),
                "rollout_seconds_per_update": result["rollout_seconds_per_update"],
                "optimisation_seconds_per_update": result["optimisation_seconds_per_update"],
+               # The first update's phases: where its compilation went (older copies do not record them).
+               "first_rollout_seconds": result.get("first_rollout_seconds"),
+               "first_optimisation_seconds": result.get("first_optimisation_seconds"),
                # A pass over IMDB's training reviews (about 195 updates of 128), warm-up and compilation included.
                "full_pass_seconds": round(measured["first_step_seconds"] + (FULL_PASS_PROMPTS / samples - 1) * steady, 1),
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],

@@ -49,7 +49,8 @@ for line in sys.stdin:
 if [[ $GROUP == ppo ]]; then
   # GPT-2 124M + DistilBERT 66M shapes, 12 updates of 128. The machine's inductor cache starts empty: the first
   # variant, both levers together (the candidate defaults), pays the cold compilation a user's first run pays
-  # (H200, 2026-11-26: 62.9 s, of it about 40 s for the PPO epochs' graph and 20 s for the decode); its `-warm`
+  # (H200, 2026-11-26: 62.9 s, of it about 40 s for the PPO epochs' graph and 20 s for the decode, inferred; the rows'
+  # first_rollout_seconds and first_optimisation_seconds now measure that split); its `-warm`
   # repeat, right after it, shows what a second run on the same machine pays. `trl-logprobs` measures the script's
   # chunked log-probabilities against TRL's row-by-row loop. Measured on 2026-11-26, and so left out here: the
   # static cache alone, and compiled epochs in default mode, alone and with it. The timed rows take about 450 s;

@@ -151,6 +151,8 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
         steady = figures["steady_seconds_per_update"]
         # The phases are parts of an update: together they cannot take longer than the update measured around them.
         assert 0 < figures["rollout_seconds_per_update"] + figures["optimisation_seconds_per_update"] <= steady * 1.05
+        first = figures["first_rollout_seconds"] + figures["first_optimisation_seconds"]
+        assert 0 < first <= figures["first_update_seconds"] * 1.05  # parts of the first update, as above
         assert figures["samples_per_second"] == round(row["settings"]["batch_size"] / steady, 2)
         passes = 195 * 128 / row["settings"]["batch_size"] - 1
         assert figures["full_pass_seconds"] == round(figures["first_update_seconds"] + passes * steady, 1)
