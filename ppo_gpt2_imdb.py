@@ -124,7 +124,8 @@ class Args:
                                             "cache: 1.52x per update, 10.9 GiB, but 63 s compiling (pays back "
                                             "after about 340 updates)")
     logprob_chunk_mib: int = arg(32, "log-probabilities over the vocabulary computed this many MiB of logits at a "
-                                 "time (TRL: one prompt's at a time, about 13 GPU kernels each); 0: TRL's own")
+                                 "time (TRL: one prompt at a time, several GPU kernels each); 0: TRL's own. Same "
+                                 "values; not yet measured on a GPU")
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny models and data are built")
 
 
@@ -855,7 +856,8 @@ def validate(args: Args):
         fail(f"--compile_ppo_epochs must be one of {', '.join(modes)} (torch.compile's modes), or unset for eager; "
              f"got '{args.compile_ppo_epochs}'.")
     if args.logprob_chunk_mib < 0:
-        fail(f"--logprob_chunk_mib must be 0 (TRL's row-by-row log-probabilities) or more, got {args.logprob_chunk_mib}.")
+        fail(f"--logprob_chunk_mib must be 0 (TRL's row-by-row log-probabilities) or more, "
+             f"got {args.logprob_chunk_mib}.")
     if args.compile_ppo_epochs in ("reduce-overhead", "max-autotune") and not on_gpu(args):
         fail(f"--compile_ppo_epochs {args.compile_ppo_epochs} records CUDA graphs, which need a GPU, and this run "
              "has none. Use --compile_ppo_epochs default (or max-autotune-no-cudagraphs) on a CPU.")
