@@ -53,7 +53,7 @@ if [[ $GROUP == ppo ]]; then
   # first_rollout_seconds and first_optimisation_seconds now measure that split); its `-warm`
   # repeat, right after it, shows what a second run on the same machine pays. `trl-logprobs` measures the script's
   # chunked log-probabilities against TRL's row-by-row loop. Measured on 2026-11-26, and so left out here: the
-  # static cache alone, and compiled epochs in default mode, alone and with it. The timed rows take about 450 s;
+  # static cache alone, and compiled epochs in default mode, alone and with it. The timed rows take about 400 s;
   # the profiles run only in what is left of the part's 540 s.
   # After all timed rows, each layout but the baseline runs once more, 3 updates, to profile update 3 (operations
   # ranked by GPU and CPU time, kernel launches).
