@@ -6,6 +6,7 @@
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 9 min
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 8 min; carry the liger-kernel wheel
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old compile   # about 3 min: regional compilation
 # Each part runs on its own (a layout that fails gets a row saying why, and the rest still runs); a part that cannot
 # finish before DEADLINE seconds (default 570) is skipped, not cut off. Timed rows come first, profiles last. Logs,
 # the RESULTS.md rows and all profiles (in one file, profiles.txt: the device tool returns at most 8 files) land in
@@ -13,8 +14,8 @@
 set -u
 BASELINE=${1:-.old}
 GROUP=${2:-}
-if [[ $GROUP != ppo && $GROUP != dpo ]]; then
-  echo "usage: bash benchmarks/gpu_session.sh BASELINE_DIR ppo|dpo   (one group per call: each fits one call's limit)"
+if [[ $GROUP != ppo && $GROUP != dpo && $GROUP != compile ]]; then
+  echo "usage: bash benchmarks/gpu_session.sh BASELINE_DIR ppo|dpo|compile   (one group per call)"
   exit 2
 fi
 if [[ ! -f $BASELINE/ppo_gpt2_imdb.py || ! -f $BASELINE/dpo_llama2_stackexchange.py ]]; then
@@ -37,7 +38,7 @@ part() {  # part NAME SECONDS COMMAND...
   echo "== $name: exit $? after $((SECONDS - started)) s"
   grep '^{"benchmark"' "$OUT/$name.log" | python3 -c "import json,sys
 for line in sys.stdin:
-    row=json.loads(line); print('  ', row['settings'].get('layout', row['settings'].get('comparison')), row['figures'])"
+    row=json.loads(line); s=row['settings']; print('  ', s.get('layout', s.get('comparison', s.get('scope'))), row['figures'])"
   tail -n 3 "$OUT/$name.log" | grep -i -E "error|Traceback" | head -n 3
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   local profile
@@ -78,4 +79,10 @@ if [[ $GROUP == dpo ]]; then
     --name spread-lengths --variant "group-by-length: --group_by_length true"
   part dpo_batch1 70 python3 benchmarks/bench_dpo.py --arch llama2-7b --device cuda --steps 3 --batch_size 1 \
     --work_dir "$W/dpo" --name batch-1
+fi
+
+if [[ $GROUP == compile ]]; then
+  # The PPO epochs' pass at GPT-2 shapes (128 x 24 tokens), eager, compiled whole and compiled one block at a time,
+  # each in a process with empty compile caches, under CUDA graphs: cold compilation, steady step, graphs, gradients.
+  part compile 300 python3 benchmarks/bench_compile.py --device cuda
 fi

@@ -1,0 +1,167 @@
+"""Cold compilation and steady speed of the PPO epochs' pass, compiled whole (as the PPO script's
+--compile_ppo_epochs does) or one transformer block at a time (regional compilation), at GPT-2 124M shapes.
+
+    python benchmarks/bench_compile.py --device cuda                       # reduce-overhead (CUDA graphs), ~3 min
+    python benchmarks/bench_compile.py --arch tiny --device cpu --mode default   # the test's quick run
+
+A probe for the lever the H200 rows of 2026-11-26 left open: compiled PPO epochs with CUDA graphs are what made
+the fastest layout fast, and their cold compilation (about 40 s of its 63 s first update) is what kept it from paying
+for itself within one pass over IMDB. On 2 CPU cores, regional compilation cut that compilation from 37-39 s to
+14 s with the same gradients. Only a GPU can show the rest: whether CUDA graphs, one compiled block serving every
+block with different parameters, record once or again and again, and what the steady step costs.
+
+Each scope runs in a child process with empty inductor and Triton caches, so that its first step pays a cold
+compilation. A step is what a PPO epoch's micro-batch does to the two models: the script's policy-and-value pass
+(TRL's wrapper, no KV cache), a loss over every logit and value, backward, and fused AdamW on a GPU. In regional
+scope the blocks run compiled only inside that pass, as the script would need (the same blocks also generate and
+score rollouts, at other shapes). Rows: first step and steady seconds, graphs, graph breaks, the largest gradient
+difference to eager (first step, before any update), peak GPU memory.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import record
+
+
+def repeated_blocks(wrapper) -> list:
+    """The transformer blocks of the policy and the value model (transformers names their class in
+    `_no_split_modules`)."""
+    names = set(getattr(wrapper.policy, "_no_split_modules", None) or [])
+    return [module for module in wrapper.modules() if type(module).__name__ in names]
+
+
+def compile_blocks_inside(wrapper, mode: str):
+    """Regional compilation: each block's forward compiled on its own (one compiled code object for them all), in
+    effect only while the wrapper's forward runs."""
+    import torch
+
+    blocks = repeated_blocks(wrapper)
+    compiled = [torch.compile(block.forward, mode=mode) for block in blocks]
+    eager_forward = wrapper.forward
+
+    def forward_with_compiled_blocks(*args, **kwargs):
+        for block, forward in zip(blocks, compiled):
+            block.forward = forward
+        try:
+            return eager_forward(*args, **kwargs)
+        finally:
+            for block in blocks:
+                del block.forward  # back to the class's method
+
+    wrapper.forward = forward_with_compiled_blocks
+    return len(blocks)
+
+
+def build(arch: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
+    from trl.trainer.utils import disable_dropout_in_model
+
+    import ppo_gpt2_imdb as ppo
+
+    shape = {} if arch == "gpt2" else dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(GPT2Config(**shape))
+    value = AutoModelForSequenceClassification.from_config(GPT2Config(num_labels=1, **shape))
+    wrapper = ppo.trl_ppo_module.PolicyAndValueWrapper(policy, value).to(device).train()
+    disable_dropout_in_model(wrapper)
+    return wrapper, policy.config.vocab_size
+
+
+def child(scope: str, args) -> dict:
+    """One scope, in this (fresh) process: eager gradients, then compile, first step, steady steps."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import ppo_gpt2_imdb as ppo
+
+    device = args.device
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the script's --tf32
+    wrapper, vocab = build(args.arch, device)
+    generator = torch.Generator().manual_seed(1)
+    batch = torch.randint(1, vocab, (args.batch_size, args.tokens), generator=generator).to(device)
+    batch[: args.batch_size // 4, :3] = 0  # left padding, as TRL's batches have
+
+    def loss():
+        output, values = ppo.forward_without_kv_cache(wrapper, batch, 0)
+        return output.logits.float().logsumexp(-1).mean() + values.float().square().mean()
+
+    loss().backward()
+    eager = [p.grad.clone() for p in wrapper.parameters()]
+    wrapper.zero_grad(set_to_none=True)
+    with torch.no_grad():  # the script's eager call before compiling: transformers installs its hooks on it
+        ppo.forward_without_kv_cache(wrapper, batch[:1, :2], -1)
+    blocks = None
+    if scope == "whole":
+        wrapper.forward = torch.compile(wrapper.forward, mode=args.mode)
+    elif scope == "blocks":
+        blocks = compile_blocks_inside(wrapper, args.mode)
+    optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-6, fused=device == "cuda")
+
+    def clock():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    started = clock()
+    loss().backward()
+    difference = max((p.grad - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+                     for p, g in zip(wrapper.parameters(), eager))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    first = clock() - started
+    started = clock()
+    for _ in range(args.steps):
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    steady = (clock() - started) / args.steps
+    return {"first_step_seconds": round(first, 3), "steady_seconds_per_step": round(steady, 4),
+            "compiled_blocks": blocks, "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "largest_relative_gradient_difference": float(f"{difference:.2e}"),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["tiny", "gpt2"], default="gpt2")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on a GPU, "
+                                                     "default on a CPU)")
+    parser.add_argument("--scopes", default="eager,whole,blocks", help="comma-separated: eager, whole, blocks")
+    parser.add_argument("--batch_size", type=int, default=128, help="sequences per step (the PPO micro-batch)")
+    parser.add_argument("--tokens", type=int, default=24, help="tokens per sequence (prompt 8 + response 16)")
+    parser.add_argument("--steps", type=int, default=10, help="steady steps timed after the first")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.mode = args.mode or ("reduce-overhead" if args.device == "cuda" else "default")
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args)), flush=True)
+        return
+    rows = {}
+    for scope in args.scopes.split(","):
+        caches = tempfile.mkdtemp(prefix=f"compile_{scope}_")  # cold: nothing compiled before
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
+               "TRITON_CACHE_DIR": os.path.join(caches, "triton")}
+        command = [sys.executable, os.path.abspath(__file__), "--child", scope, *sys.argv[1:]]
+        started = time.time()
+        completed = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        figures = json.loads(lines[-1][len("RESULT "):]) if completed.returncode == 0 and lines else {
+            "failed": (completed.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        figures["wall_seconds"] = round(time.time() - started, 1)
+        rows[scope] = record("compile", {"arch": args.arch, "device": args.device, "scope": scope,
+                                         "mode": None if scope == "eager" else args.mode,
+                                         "batch_size": args.batch_size, "tokens": args.tokens}, figures)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
