@@ -15,7 +15,7 @@ compilation. A step is what a PPO epoch's micro-batch does to the two models: th
 (TRL's wrapper, no KV cache), a loss over every logit and value, backward, and fused AdamW on a GPU. In regional
 scope the blocks run compiled only inside that pass, as the script would need (the same blocks also generate and
 score rollouts, at other shapes). Rows: first step and steady seconds, graphs, graph breaks, the largest gradient
-difference to eager (first step, before any update), peak GPU memory.
+difference to eager (first step, before any update), peak GPU memory over the steady steps.
 """
 import argparse
 import json
@@ -116,6 +116,9 @@ def child(scope: str, args) -> dict:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     first = clock() - started
+    del eager  # the reference gradients would count in the peak
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     started = clock()
     for _ in range(args.steps):
         loss().backward()
