@@ -5,17 +5,20 @@
     python benchmarks/bench_compile.py --arch tiny --device cpu --mode default   # the test's quick run
 
 A probe for the lever the H200 rows of 2026-11-26 left open: compiled PPO epochs with CUDA graphs are what made
-the fastest layout fast, and their cold compilation (about 40 s of its 63 s first update) is what kept it from paying
-for itself within one pass over IMDB. On 2 CPU cores, regional compilation cut that compilation from 37-39 s to
-14 s with the same gradients. Only a GPU can show the rest: whether CUDA graphs, one compiled block serving every
-block with different parameters, record once or again and again, and what the steady step costs.
+the fastest layout fast, and their cold compilation (about 40 s of its 63 s first update) is what kept it from
+paying for itself within one pass over IMDB. On 2 CPU cores (torch 2.13; the H200 machine has 2.11), regional
+compilation cut the first step from 36 s to 15 s with the same gradients. Only a GPU can show the rest: whether
+CUDA graphs, one compiled block serving every block with different parameters, record once or again and again, and
+what the steady step costs.
 
 Each scope runs in a child process with empty inductor and Triton caches, so that its first step pays a cold
 compilation. A step is what a PPO epoch's micro-batch does to the two models: the script's policy-and-value pass
 (TRL's wrapper, no KV cache), a loss over every logit and value, backward, and fused AdamW on a GPU. In regional
 scope the blocks run compiled only inside that pass, as the script would need (the same blocks also generate and
-score rollouts, at other shapes). Rows: first step and steady seconds, graphs, graph breaks, the largest gradient
-difference to eager (first step, before any update), peak GPU memory over the steady steps.
+score rollouts, at other shapes). Rows: the first step's seconds (compilation) and the second's (where
+reduce-overhead records its CUDA graphs), steady seconds, graphs, graph breaks, CUDA graphs recorded and skipped,
+the largest gradient difference to eager (third step, replaying the graphs, before any update), peak GPU memory
+over the steady steps.
 """
 import argparse
 import json
@@ -109,13 +112,17 @@ def child(scope: str, args) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    started = clock()
-    loss().backward()
+    seconds = []
+    for _ in range(3):  # compiles; records CUDA graphs (reduce-overhead); replays them: same weights each time
+        started = clock()
+        loss().backward()
+        seconds.append(clock() - started)
+        if len(seconds) < 3:
+            wrapper.zero_grad(set_to_none=True)
     difference = max((p.grad - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
                      for p, g in zip(wrapper.parameters(), eager))
-    optimizer.step()
+    optimizer.step()  # its state is allocated here, untimed
     optimizer.zero_grad(set_to_none=True)
-    first = clock() - started
     del eager  # the reference gradients would count in the peak
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -125,11 +132,25 @@ def child(scope: str, args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     steady = (clock() - started) / args.steps
-    return {"first_step_seconds": round(first, 3), "steady_seconds_per_step": round(steady, 4),
-            "compiled_blocks": blocks, "graphs": counters["stats"]["unique_graphs"],
-            "graph_breaks": sum(counters["graph_break"].values()),
+    return {"first_step_seconds": round(seconds[0], 3), "second_step_seconds": round(seconds[1], 3),
+            "steady_seconds_per_step": round(steady, 4), "compiled_blocks": blocks,
+            "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cuda_graphs_recorded": cuda_graphs_recorded(), "cuda_graph_skips": counters["inductor"]["cudagraph_skips"],
             "largest_relative_gradient_difference": float(f"{difference:.2e}"),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None}
+
+
+def cuda_graphs_recorded():
+    """How many CUDA graphs cudagraph trees recorded on GPU 0 (None without any, or where torch's internals differ).
+    One per compiled piece means each block's graphs were recorded once; a count that grows with the steps means
+    they were recorded again and again."""
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(0, False)
+        return None if manager is None else next(manager.graph_counter)  # the next graph's number
+    except Exception:  # an internal API: never let it cost the row
+        return None
 
 
 def main():
@@ -138,10 +159,11 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on a GPU, "
                                                      "default on a CPU)")
-    parser.add_argument("--scopes", default="eager,whole,blocks", help="comma-separated: eager, whole, blocks")
+    parser.add_argument("--scopes", default="blocks,whole,eager", help="comma-separated: blocks, whole, eager")
     parser.add_argument("--batch_size", type=int, default=128, help="sequences per step (the PPO micro-batch)")
     parser.add_argument("--tokens", type=int, default=24, help="tokens per sequence (prompt 8 + response 16)")
     parser.add_argument("--steps", type=int, default=10, help="steady steps timed after the first")
+    parser.add_argument("--timeout", type=int, default=110, help="seconds a scope may take before its row says so")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.mode = args.mode or ("reduce-overhead" if args.device == "cuda" else "default")
@@ -155,10 +177,16 @@ def main():
                "TRITON_CACHE_DIR": os.path.join(caches, "triton")}
         command = [sys.executable, os.path.abspath(__file__), "--child", scope, *sys.argv[1:]]
         started = time.time()
-        completed = subprocess.run(command, capture_output=True, text=True, env=env)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        figures = json.loads(lines[-1][len("RESULT "):]) if completed.returncode == 0 and lines else {
-            "failed": (completed.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        try:
+            completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+            stdout, stderr, failed = completed.stdout, completed.stderr, completed.returncode != 0
+        except subprocess.TimeoutExpired:
+            stdout, stderr, failed = "", f"timed out after {args.timeout} s", True
+        print(f"--- {scope}: the end of its stderr\n{(stderr or '')[-3000:]}", flush=True)
+        lines = [line for line in (stdout or "").splitlines() if line.startswith("RESULT ")]
+        errors = [line for line in (stderr or "").splitlines() if "Error" in line or "timed out" in line]
+        figures = json.loads(lines[-1][len("RESULT "):]) if lines and not failed else {
+            "failed": (errors or (stderr or "no output").strip().splitlines() or ["no output"])[-1][:300]}
         figures["wall_seconds"] = round(time.time() - started, 1)
         rows[scope] = record("compile", {"arch": args.arch, "device": args.device, "scope": scope,
                                          "mode": None if scope == "eager" else args.mode,

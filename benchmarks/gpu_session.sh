@@ -84,5 +84,5 @@ fi
 if [[ $GROUP == compile ]]; then
   # The PPO epochs' pass at GPT-2 shapes (128 x 24 tokens), eager, compiled whole and compiled one block at a time,
   # each in a process with empty compile caches, under CUDA graphs: cold compilation, steady step, graphs, gradients.
-  part compile 300 python3 benchmarks/bench_compile.py --device cuda
+  part compile 360 python3 benchmarks/bench_compile.py --device cuda
 fi
