@@ -817,7 +817,7 @@ def compile_ppo_epochs(wrapper, mode: str):
     (test_compiled_ppo_epochs_trace_into_one_graph_after_one_eager_call)."""
     device = next(wrapper.parameters()).device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        trl_ppo_module.forward(wrapper, torch.zeros((1, 2), dtype=torch.long, device=device), pad_token_id=-1)
+        forward_without_kv_cache(wrapper, torch.zeros((1, 2), dtype=torch.long, device=device), pad_token_id=-1)
     wrapper.forward = torch.compile(wrapper.forward, mode=mode)
 
 

@@ -98,12 +98,12 @@ def child(scope: str, args) -> dict:
     loss().backward()
     eager = [p.grad.clone() for p in wrapper.parameters()]
     wrapper.zero_grad(set_to_none=True)
-    with torch.no_grad():  # the script's eager call before compiling: transformers installs its hooks on it
-        ppo.forward_without_kv_cache(wrapper, batch[:1, :2], -1)
     blocks = None
     if scope == "whole":
-        wrapper.forward = torch.compile(wrapper.forward, mode=args.mode)
+        ppo.compile_ppo_epochs(wrapper, args.mode)  # as the script compiles it
     elif scope == "blocks":
+        with torch.no_grad():  # the script's eager call before compiling: transformers installs its hooks on it
+            ppo.forward_without_kv_cache(wrapper, batch[:1, :2], -1)
         blocks = compile_blocks_inside(wrapper, args.mode)
     optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-6, fused=device == "cuda")
 
