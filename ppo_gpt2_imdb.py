@@ -421,6 +421,7 @@ def report(reference: dict, trained: dict, wandb_run=None):
 #   tables every N updates without shifting training's RNG
 # - callbacks and accelerate's save_state/load_state: checkpoints and resume (TRL 1.12's PPO has none)
 # - save_outputs: not TRL's save_model, which fails with several processes
+import itertools
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from types import SimpleNamespace
@@ -622,11 +623,14 @@ class SentimentPPOTrainer(PPOTrainer):
         log-probabilities (generated as rollouts are: in the load precision, with the rollouts' padding, and with
         their static cache given a full batch of prompts) against those of the PPO epochs' forward pass (the
         prepared model as the epochs run it, under autocast where it is on), both through the functions TRL's loop
-        ran with (trl_functions_swapped), on up to one batch of `prompts`. Ideally 0; PPO's clipping sees any
+        ran with (trl_functions_swapped), on one batch of `prompts`. Ideally 0; PPO's clipping sees any
         difference as policy change."""
         pad_token_id, temperature = self.processing_class.pad_token_id, self.args.temperature + 1e-7
         collate = prompt_collator(self.processing_class, self.settings)
-        queries = collate([{"input_ids": ids} for ids in list(prompts)[: self.args.local_batch_size]])
+        # Exactly one rollout batch, the held-out prompts repeated if there are fewer: a smaller batch would miss
+        # the static cache and, compiled, run a micro-batch of a new size, which compiles the epochs' graph again.
+        one_batch = itertools.islice(itertools.cycle(list(prompts)), self.args.local_batch_size)
+        queries = collate([{"input_ids": ids} for ids in one_batch])
         queries = queries["input_ids"].to(self.accelerator.device)
         config = GenerationConfig(max_new_tokens=self.args.response_length, temperature=temperature, top_k=0.0,
                                   top_p=1.0, do_sample=True)

@@ -53,9 +53,12 @@ if [[ $GROUP == ppo ]]; then
   # (H200, 2026-11-26: 62.9 s, of it about 40 s for the PPO epochs' graph and 20 s for the decode, inferred; the rows'
   # first_rollout_seconds and first_optimisation_seconds now measure that split); its `-warm`
   # repeat, right after it, shows what a second run on the same machine pays. `trl-logprobs` measures the script's
-  # chunked log-probabilities against TRL's row-by-row loop. Measured on 2026-11-26, and so left out here: the
-  # static cache alone, and compiled epochs in default mode, alone and with it. The timed rows take about 400 s;
-  # the profiles run only in what is left of the part's 540 s.
+  # chunked log-probabilities against TRL's row-by-row loop. `...-bf16` adds bf16 autocast to the candidate: eager,
+  # autocast was slower at this size (launch-bound), but under CUDA graphs launches no longer dominate, and the
+  # epochs' matmuls may then gain from bf16 (it compiles the epochs' graph again, about 40 s; the decode is warm).
+  # Measured on 2026-11-26, and so left out here: the static cache alone, compiled epochs in default mode, alone
+  # and with it, and compiled epochs with CUDA graphs alone. The timed rows take about 420 s; the profiles run
+  # only in what is left of the part's 540 s.
   # After all timed rows, each layout but the baseline runs once more, 3 updates, to profile update 3 (operations
   # ranked by GPU and CPU time, kernel launches).
   both="--static_cache_generation true --compile_ppo_epochs reduce-overhead"
@@ -63,8 +66,8 @@ if [[ $GROUP == ppo ]]; then
     --baseline "$BASELINE" --profile_step 3 \
     --variant "static-cache-compile-cudagraphs: $both" \
     --variant "static-cache-compile-cudagraphs-warm: $both" \
-    --variant "trl-logprobs: --logprob_chunk_mib 0" \
-    --variant "compile-cudagraphs: --compile_ppo_epochs reduce-overhead"
+    --variant "static-cache-compile-cudagraphs-bf16: $both --bf16_autocast true" \
+    --variant "trl-logprobs: --logprob_chunk_mib 0"
 fi
 
 if [[ $GROUP == dpo ]]; then
