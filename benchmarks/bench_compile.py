@@ -38,21 +38,42 @@ def repeated_blocks(wrapper) -> list:
     return [module for module in wrapper.modules() if type(module).__name__ in names]
 
 
+class PlainCollector:
+    """transformers' output collector as a plain global, as transformers itself makes it when a whole model is
+    compiled: its capture hooks inside a block (attention outputs) read a ContextVar, which torch.compile cannot
+    trace (a graph break in every block) when the model around the blocks runs eagerly and set it."""
+
+    def __init__(self):
+        self.value = None
+
+    def get(self):
+        return self.value
+
+    def set(self, value):
+        self.value = value
+
+    def reset(self, token):
+        self.value = None
+
+
 def compile_blocks_inside(wrapper, mode: str):
     """Regional compilation: each block's forward compiled on its own (one compiled code object for them all), in
-    effect only while the wrapper's forward runs."""
+    effect only while the wrapper's forward runs, with transformers' output collector a plain global then."""
     import torch
+    from transformers.utils import output_capturing
 
     blocks = repeated_blocks(wrapper)
     compiled = [torch.compile(block.forward, mode=mode) for block in blocks]
-    eager_forward = wrapper.forward
+    eager_forward, plain = wrapper.forward, PlainCollector()
 
     def forward_with_compiled_blocks(*args, **kwargs):
         for block, forward in zip(blocks, compiled):
             block.forward = forward
+        collector, output_capturing._active_collector = output_capturing._active_collector, plain
         try:
             return eager_forward(*args, **kwargs)
         finally:
+            output_capturing._active_collector = collector
             for block in blocks:
                 del block.forward  # back to the class's method
 
