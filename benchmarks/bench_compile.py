@@ -1,5 +1,6 @@
-"""Cold compilation and steady speed of the PPO epochs' pass, compiled whole (as the PPO script's
---compile_ppo_epochs does) or one transformer block at a time (regional compilation), at GPT-2 124M shapes.
+"""Cold compilation and steady speed of the PPO epochs' pass, compiled whole or one transformer block at a time
+(regional compilation), as the PPO script's --compile_ppo_epochs does with --compile_scope whole or blocks, at
+GPT-2 124M shapes.
 
     python benchmarks/bench_compile.py --device cuda                       # reduce-overhead (CUDA graphs), ~3 min
     python benchmarks/bench_compile.py --arch tiny --device cpu --mode default   # the test's quick run
@@ -7,15 +8,15 @@
 A probe for the lever the H200 rows of 2026-11-26 left open: compiled PPO epochs with CUDA graphs are what made
 the fastest layout fast, and their cold compilation (about 40 s of its 63 s first update) is what kept it from
 paying for itself within one pass over IMDB. On 2 CPU cores (torch 2.13; the H200 machine has 2.11), regional
-compilation cut the first step from 36 s to 15 s with the same gradients. Only a GPU can show the rest: whether
-CUDA graphs, one compiled block serving every block with different parameters, record once or again and again, and
-what the steady step costs.
+compilation cut the first step from 36 s to 12 s with the same gradients (steady 1.48 s against 1.35 s). Only a
+GPU can show the rest: whether CUDA graphs, one compiled block serving every block with different parameters,
+record once or again and again, and what the steady step costs.
 
 Each scope runs in a child process with empty inductor and Triton caches, so that its first step pays a cold
 compilation. A step is what a PPO epoch's micro-batch does to the two models: the script's policy-and-value pass
 (TRL's wrapper, no KV cache), a loss over every logit and value, backward, and fused AdamW on a GPU. In regional
-scope the blocks run compiled only inside that pass, as the script would need (the same blocks also generate and
-score rollouts, at other shapes). Rows: the first step's seconds (compilation) and the second's (where
+scope the blocks run compiled only inside that pass, as in the script (the same blocks also generate and score
+rollouts, at other shapes). Rows: the first step's seconds (compilation) and the second's (where
 reduce-overhead records its CUDA graphs), steady seconds, graphs, graph breaks, CUDA graphs recorded and skipped,
 the largest gradient difference to eager (third step, replaying the graphs, before any update), peak GPU memory
 over the steady steps.
@@ -29,56 +30,6 @@ import tempfile
 import time
 
 from common import record
-
-
-def repeated_blocks(wrapper) -> list:
-    """The transformer blocks of the policy and the value model (transformers names their class in
-    `_no_split_modules`)."""
-    names = set(getattr(wrapper.policy, "_no_split_modules", None) or [])
-    return [module for module in wrapper.modules() if type(module).__name__ in names]
-
-
-class PlainCollector:
-    """transformers' output collector as a plain global, as transformers itself makes it when a whole model is
-    compiled: its capture hooks inside a block (attention outputs) read a ContextVar, which torch.compile cannot
-    trace (a graph break in every block) when the model around the blocks runs eagerly and set it."""
-
-    def __init__(self):
-        self.value = None
-
-    def get(self):
-        return self.value
-
-    def set(self, value):
-        self.value = value
-
-    def reset(self, token):
-        self.value = None
-
-
-def compile_blocks_inside(wrapper, mode: str):
-    """Regional compilation: each block's forward compiled on its own (one compiled code object for them all), in
-    effect only while the wrapper's forward runs, with transformers' output collector a plain global then."""
-    import torch
-    from transformers.utils import output_capturing
-
-    blocks = repeated_blocks(wrapper)
-    compiled = [torch.compile(block.forward, mode=mode) for block in blocks]
-    eager_forward, plain = wrapper.forward, PlainCollector()
-
-    def forward_with_compiled_blocks(*args, **kwargs):
-        for block, forward in zip(blocks, compiled):
-            block.forward = forward
-        collector, output_capturing._active_collector = output_capturing._active_collector, plain
-        try:
-            return eager_forward(*args, **kwargs)
-        finally:
-            output_capturing._active_collector = collector
-            for block in blocks:
-                del block.forward  # back to the class's method
-
-    wrapper.forward = forward_with_compiled_blocks
-    return len(blocks)
 
 
 def build(arch: str, device: str):
@@ -120,12 +71,9 @@ def child(scope: str, args) -> dict:
     eager = [p.grad.clone() for p in wrapper.parameters()]
     wrapper.zero_grad(set_to_none=True)
     blocks = None
-    if scope == "whole":
-        ppo.compile_ppo_epochs(wrapper, args.mode)  # as the script compiles it
-    elif scope == "blocks":
-        with torch.no_grad():  # the script's eager call before compiling: transformers installs its hooks on it
-            ppo.forward_without_kv_cache(wrapper, batch[:1, :2], -1)
-        blocks = compile_blocks_inside(wrapper, args.mode)
+    if scope in ("whole", "blocks"):
+        ppo.compile_ppo_epochs(wrapper, args.mode, scope)  # as the script compiles it (--compile_scope)
+        blocks = len(ppo.transformer_blocks(wrapper)) if scope == "blocks" else None
     optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-6, fused=device == "cuda")
 
     def clock():

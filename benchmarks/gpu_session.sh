@@ -50,22 +50,25 @@ for line in sys.stdin:
 if [[ $GROUP == ppo ]]; then
   # GPT-2 124M + DistilBERT 66M shapes, 12 updates of 128. The machine's inductor cache starts empty: the first
   # variant, both levers together (the candidate defaults), pays the cold compilation a user's first run pays
-  # (H200, 2026-11-26: 62.9 s, of it about 40 s for the PPO epochs' graph and 20 s for the decode, inferred; the rows'
-  # first_rollout_seconds and first_optimisation_seconds now measure that split); its `-warm`
-  # repeat, right after it, shows what a second run on the same machine pays. `trl-logprobs` measures the script's
-  # chunked log-probabilities against TRL's row-by-row loop. `...-bf16` adds bf16 autocast to the candidate: eager,
-  # autocast was slower at this size (launch-bound), but under CUDA graphs launches no longer dominate, and the
-  # epochs' matmuls may then gain from bf16 (it compiles the epochs' graph again, about 40 s; the decode is warm).
-  # Measured on 2026-11-26, and so left out here: the static cache alone, compiled epochs in default mode, alone
-  # and with it, and compiled epochs with CUDA graphs alone. The timed rows take about 420 s; the profiles run
-  # only in what is left of the part's 540 s.
-  # After all timed rows, each layout but the baseline runs once more, 3 updates, to profile update 3 (operations
-  # ranked by GPU and CPU time, kernel launches).
+  # (H200, 2026-11-26: 62.9 s, of it about 40 s for the PPO epochs' graph and 20 s for the decode, inferred; the
+  # rows' first_rollout_seconds and first_optimisation_seconds now measure that split); its `-warm` repeat, right
+  # after it, shows what a second run on the same machine pays.
+  # - `static-cache-blocks-cudagraphs` compiles one transformer block instead of the whole pass (--compile_scope
+  #   blocks; 3x faster to compile on 2 CPU cores). Its graph is new, its decode warm by then: its
+  #   first_optimisation_seconds plus the candidate's cold first_rollout_seconds is a cold run's first update.
+  # - `...-bf16` adds bf16 autocast to the candidate. Eager, autocast was slower at this size (launch-bound); under
+  #   CUDA graphs launches no longer dominate and the epochs' matmuls may gain (a new epochs' graph, about 40 s).
+  # - `trl-logprobs` measures the script's chunked log-probabilities against TRL's row-by-row loop.
+  # Measured on 2026-11-26, and so left out here: the static cache alone, compiled epochs in default mode, alone and
+  # with it, and compiled epochs with CUDA graphs alone. The timed rows take about 470 s; after them, in what is
+  # left of the part's 540 s, each layout but the baseline runs once more, 3 updates, to profile update 3
+  # (operations ranked by GPU and CPU time, kernel launches).
   both="--static_cache_generation true --compile_ppo_epochs reduce-overhead"
   part ppo 540 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --baseline "$BASELINE" --profile_step 3 \
     --variant "static-cache-compile-cudagraphs: $both" \
     --variant "static-cache-compile-cudagraphs-warm: $both" \
+    --variant "static-cache-blocks-cudagraphs: $both --compile_scope blocks" \
     --variant "static-cache-compile-cudagraphs-bf16: $both --bf16_autocast true" \
     --variant "trl-logprobs: --logprob_chunk_mib 0"
 fi

@@ -264,45 +264,6 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
     assert "== compile: exit 0" in compiled.stdout and "stub {'s': 1}" in compiled.stdout
 
 
-def test_regional_compilation_compiles_the_blocks_only_inside_the_ppo_pass():
-    """bench_compile's regional scope: every block of the policy and the value model runs its compiled forward while
-    the policy-and-value pass runs, and its own method outside it (generation and the rollout's value pass use the
-    same blocks, at other shapes), with eager gradients. One graph serves all four blocks, without a break:
-    transformers' attention-output hooks inside each block read a ContextVar, which broke every block in two
-    (measured: 4 breaks, 3 graphs, first step 7.4 s instead of 4.5 s here) until the pass made the collector a
-    plain global, as transformers does when a whole model is compiled; the ContextVar is back after the pass."""
-    import torch
-    from torch._dynamo.utils import counters
-
-    import bench_compile
-    import ppo_gpt2_imdb as ppo
-    from transformers.utils import output_capturing
-
-    query_responses = torch.randint(1, 500, (4, 12), generator=torch.Generator().manual_seed(0))
-    query_responses[:2, :3] = 0  # left padding, as TRL's batches have
-    eager, _ = bench_compile.build("tiny", "cpu")
-    wrapper, _ = bench_compile.build("tiny", "cpu")
-
-    def gradients(model):
-        output, values = ppo.forward_without_kv_cache(model, query_responses, 0)
-        (output.logits.logsumexp(-1).mean() + values.square().mean()).backward()
-        return [p.grad for p in model.parameters()]
-
-    torch._dynamo.reset()
-    counters.clear()
-    collector = output_capturing._active_collector
-    assert bench_compile.compile_blocks_inside(wrapper, "default") == 2 * 2  # 2 layers, policy and value model
-    compiled = gradients(wrapper)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # shared by all 4 blocks
-    assert output_capturing._active_collector is collector
-    assert all("forward" not in vars(block) for block in bench_compile.repeated_blocks(wrapper))
-    wrapper.policy(input_ids=query_responses[:, :5])  # outside the pass: eager, nothing more compiled
-    assert counters["stats"]["unique_graphs"] == 1
-    torch._dynamo.reset()
-    largest = max((a - b).abs().max().item() for a, b in zip(compiled, gradients(eager)))
-    assert len(compiled) == len(list(eager.parameters())) and largest < 1e-4
-
-
 @pytest.mark.slow
 def test_compile_benchmark_compiles_each_scope_cold_in_its_own_process(tmp_path, monkeypatch, capsys):
     """One row per scope, each from a child with empty inductor and Triton caches; the regional scope's gradients,
