@@ -832,6 +832,8 @@ def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
     device = next(wrapper.parameters()).device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         forward_without_kv_cache(wrapper, torch.zeros((1, 2), dtype=torch.long, device=device), pad_token_id=-1)
+    if scope not in ("whole", "blocks"):
+        raise ValueError(f"compile scope must be 'whole' or 'blocks', got {scope!r}")
     if scope == "whole":
         wrapper.forward = torch.compile(wrapper.forward, mode=mode)
         return
@@ -845,15 +847,21 @@ def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
     eager_forward, plain = wrapper.forward, PlainOutputCollector()
 
     def forward_with_compiled_blocks(*args, **kwargs):
-        for block, forward in zip(blocks, compiled):
-            block.forward = forward
-        collector, output_capturing._active_collector = output_capturing._active_collector, plain
+        # What was in place comes back after the pass: an instance's own forward (a hook library may set one), or,
+        # for a pass called from inside another, the compiled blocks and the plain collector of the outer one.
+        previous = [vars(block).get("forward") for block in blocks]
+        collector = output_capturing._active_collector
         try:
+            for block, forward in zip(blocks, compiled):
+                block.forward = forward
+            output_capturing._active_collector = plain  # process-wide while the pass runs, not per thread
             return eager_forward(*args, **kwargs)
         finally:
             output_capturing._active_collector = collector
-            for block in blocks:
-                del block.forward  # back to the class's method
+            for block, forward in zip(blocks, previous):
+                vars(block).pop("forward", None)  # back to the class's method
+                if forward is not None:
+                    block.forward = forward
 
     wrapper.forward = forward_with_compiled_blocks
 
@@ -861,7 +869,8 @@ def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
 def transformer_blocks(wrapper) -> list:
     """The repeated transformer blocks of the policy and the value model (transformers names their class in
     `_no_split_modules`)."""
-    names = set(getattr(wrapper.policy, "_no_split_modules", None) or [])
+    names = {name for model in (wrapper.policy, wrapper.value_model)
+             for name in getattr(model, "_no_split_modules", None) or []}
     return [module for module in wrapper.modules() if type(module).__name__ in names]
 
 
@@ -879,10 +888,11 @@ class PlainOutputCollector:
         return self.value
 
     def set(self, value):
-        self.value = value
+        token, self.value = self.value, value  # the token is the value before, as a ContextVar's restores it
+        return token
 
     def reset(self, token):
-        self.value = None
+        self.value = token
 
 
 def bf16_autocast(args: Args) -> bool:

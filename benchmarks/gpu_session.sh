@@ -48,27 +48,28 @@ for line in sys.stdin:
 }
 
 if [[ $GROUP == ppo ]]; then
-  # GPT-2 124M + DistilBERT 66M shapes, 12 updates of 128. The machine's inductor cache starts empty: the first
-  # variant, both levers together (the candidate defaults), pays the cold compilation a user's first run pays
-  # (H200, 2026-11-26: 62.9 s, of it about 40 s for the PPO epochs' graph and 20 s for the decode, inferred; the
-  # rows' first_rollout_seconds and first_optimisation_seconds now measure that split); its `-warm` repeat, right
-  # after it, shows what a second run on the same machine pays.
-  # - `static-cache-blocks-cudagraphs` compiles one transformer block instead of the whole pass (--compile_scope
-  #   blocks; 3x faster to compile on 2 CPU cores). Its graph is new, its decode warm by then: its
-  #   first_optimisation_seconds plus the candidate's cold first_rollout_seconds is a cold run's first update.
-  # - `...-bf16` adds bf16 autocast to the candidate. Eager, autocast was slower at this size (launch-bound); under
-  #   CUDA graphs launches no longer dominate and the epochs' matmuls may gain (a new epochs' graph, about 40 s).
+  # GPT-2 124M + DistilBERT 66M shapes, 12 updates of 128. The machine's inductor and Triton caches start empty,
+  # and later rows find what earlier ones compiled (kernels they share too), so the order matters:
+  # - `static-cache-blocks-cudagraphs` first: the candidate defaults compiled one transformer block at a time
+  #   (--compile_scope blocks; 3x faster to compile on 2 CPU cores). Its first update is what a user's first run
+  #   pays, cold: the decode and the block graph.
+  # - `static-cache-compile-cudagraphs`, the same compiled whole (H200, 2026-11-26, cold: 62.9 s first update, about
+  #   40 s of it the PPO epochs' graph, 20 s the decode; the decode is warm here, so its first_optimisation_seconds
+  #   is the epochs' compile, nearly cold); its `-warm` repeat shows what a second run on one machine pays.
+  # - `...-bf16` adds bf16 autocast to it. Eager, autocast was slower at this size (launch-bound); under CUDA
+  #   graphs launches no longer dominate and the epochs' matmuls may gain (a new epochs' graph, about 40 s).
   # - `trl-logprobs` measures the script's chunked log-probabilities against TRL's row-by-row loop.
   # Measured on 2026-11-26, and so left out here: the static cache alone, compiled epochs in default mode, alone and
   # with it, and compiled epochs with CUDA graphs alone. The timed rows take about 470 s; after them, in what is
   # left of the part's 540 s, each layout but the baseline runs once more, 3 updates, to profile update 3
-  # (operations ranked by GPU and CPU time, kernel launches).
+  # (operations ranked by GPU and CPU time, kernel launches). `gpu_session.sh .old compile` times the two scopes
+  # apart, each with empty caches.
   both="--static_cache_generation true --compile_ppo_epochs reduce-overhead"
   part ppo 540 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --baseline "$BASELINE" --profile_step 3 \
+    --variant "static-cache-blocks-cudagraphs: $both --compile_scope blocks" \
     --variant "static-cache-compile-cudagraphs: $both" \
     --variant "static-cache-compile-cudagraphs-warm: $both" \
-    --variant "static-cache-blocks-cudagraphs: $both --compile_scope blocks" \
     --variant "static-cache-compile-cudagraphs-bf16: $both --bf16_autocast true" \
     --variant "trl-logprobs: --logprob_chunk_mib 0"
 fi
