@@ -144,6 +144,7 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
                                                             .read_text())["updates"] == 2
     assert old["settings"]["layout"] == "baseline" and ours["settings"]["layout"] == "script-defaults"
     assert ours["settings"]["batch_size"] == 32 and ours["settings"]["num_mini_batches"] == 2
+    assert ours["settings"]["compile_ppo_epochs"] is None and ours["settings"]["compile_scope"] is None  # eager
     assert theirs["settings"]["batch_size"] == 64 and theirs["settings"]["micro_batch"] == 64
     assert theirs["settings"]["num_mini_batches"] == 1 and theirs["settings"]["updates"] == 3
     for row in (old, ours, theirs):
