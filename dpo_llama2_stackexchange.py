@@ -706,7 +706,10 @@ def build_parser(defaults: dict) -> TrlParser:
     parser = TrlParser(Args)
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="YAML file of settings (name: value); flags given on the command line win over it")
-    for action in parser._actions:  # transformers gives --no_X the help of --X, which says the opposite
+    for action in parser._actions:
+        if action.help and "%(" not in action.help:  # argparse %-formats help: "30% slower" would print garbage
+            action.help = action.help.replace("%", "%%")
+        # transformers gives --no_X the help of --X, which says the opposite
         if action.option_strings and action.option_strings[0].startswith("--no_"):
             action.help = f"turn --{action.option_strings[0][5:]} off"
             action.default = argparse.SUPPRESS  # its "(default: False)" read as the setting's; --X's default rules
