@@ -816,6 +816,9 @@ def log_softmax_in_chunks(logits: torch.Tensor, index: torch.Tensor, chunk_bytes
     return torch.cat(chunks)
 
 
+COMPILE_SCOPES = ("whole", "blocks")  # what --compile_scope may name
+
+
 def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
     """Compiles the forward (and so the backward) of TRL's policy-and-value wrapper, which only the PPO epochs call:
     generation and the rollout's reference, value and reward passes stay eager. The compiled function replaces the
@@ -829,11 +832,11 @@ def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
     so it compiles one block's forward and backward instead of 24. The compiled blocks are in place only while the
     wrapper's forward runs: the same blocks generate and score rollouts, at other shapes
     (test_compiled_blocks_serve_both_models_in_one_graph_only_inside_the_ppo_pass)."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
     device = next(wrapper.parameters()).device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         forward_without_kv_cache(wrapper, torch.zeros((1, 2), dtype=torch.long, device=device), pad_token_id=-1)
-    if scope not in ("whole", "blocks"):
-        raise ValueError(f"compile scope must be 'whole' or 'blocks', got {scope!r}")
     if scope == "whole":
         wrapper.forward = torch.compile(wrapper.forward, mode=mode)
         return
@@ -929,8 +932,8 @@ def validate(args: Args):
     if args.compile_ppo_epochs is not None and args.compile_ppo_epochs not in modes:
         fail(f"--compile_ppo_epochs must be one of {', '.join(modes)} (torch.compile's modes), or unset for eager; "
              f"got '{args.compile_ppo_epochs}'.")
-    if args.compile_scope not in ("whole", "blocks"):
-        fail(f"--compile_scope must be whole or blocks, got '{args.compile_scope}'.")
+    if args.compile_scope not in COMPILE_SCOPES:
+        fail(f"--compile_scope must be {' or '.join(COMPILE_SCOPES)}, got '{args.compile_scope}'.")
     if args.compile_scope == "blocks" and not args.compile_ppo_epochs:
         fail("--compile_scope blocks says what --compile_ppo_epochs compiles, and it is unset (eager). Set "
              "--compile_ppo_epochs too (default on a CPU, reduce-overhead on a GPU), or leave --compile_scope whole.")

@@ -71,7 +71,7 @@ def child(scope: str, args) -> dict:
     eager = [p.grad.clone() for p in wrapper.parameters()]
     wrapper.zero_grad(set_to_none=True)
     blocks = None
-    if scope in ("whole", "blocks"):
+    if scope in ppo.COMPILE_SCOPES:
         ppo.compile_ppo_epochs(wrapper, args.mode, scope)  # as the script compiles it (--compile_scope)
         blocks = len(ppo.transformer_blocks(wrapper)) if scope == "blocks" else None
     optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-6, fused=device == "cuda")

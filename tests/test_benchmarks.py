@@ -268,8 +268,9 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
 @pytest.mark.slow
 def test_compile_benchmark_compiles_each_scope_cold_in_its_own_process(tmp_path, monkeypatch, capsys):
     """One row per scope, each from a child with empty inductor and Triton caches; the regional scope's gradients,
-    on its third step, match eager ones (measured on 2 CPU cores, 2-layer model, batch 8: first step 16.3 s
-    compiled whole, 12.0 s per block). The whole scope is what --compile_ppo_epochs does, tested with the script."""
+    on its third step, match eager ones (measured on 2 CPU cores, 2-layer model, batch 4, cold caches: first step
+    17.2 s compiled whole, 11.4 s per block, each one graph). The whole scope is what --compile_ppo_epochs does,
+    tested with the script."""
     rows = run_benchmark("bench_compile", ["--arch", "tiny", "--scopes", "blocks,eager", "--batch_size", "4",
                                            "--steps", "1"], tmp_path, monkeypatch, capsys)
     assert [row["settings"]["scope"] for row in rows] == ["blocks", "eager"]

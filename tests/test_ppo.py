@@ -438,30 +438,43 @@ def policy_and_value(assets):
     return wrapper
 
 
+def left_padded_batch() -> torch.Tensor:
+    """4 sequences of 12 token ids, the first two left-padded with 3 pad ids (0), as TRL's batches are."""
+    query_responses = torch.randint(1, 500, (4, 12), generator=torch.Generator().manual_seed(0))
+    query_responses[:2, :3] = 0
+    return query_responses
+
+
+def ppo_pass_results(model, query_responses) -> tuple:
+    """The pass the PPO epochs make (the script's forward, pad id 0), then backward through a loss over every logit
+    and value: the logits, the values and the gradients."""
+    output, values = ppo.forward_without_kv_cache(model, query_responses, 0)
+    (output.logits.float().logsumexp(-1).mean() + values.square().mean()).backward()
+    gradients = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return output.logits.detach(), values.detach(), gradients
+
+
+def largest_difference(results: tuple, others: tuple) -> float:
+    """The largest absolute difference between two ppo_pass_results: logits, values and every gradient."""
+    return max((a - b).abs().max().item() for a, b in zip([*results[:2], *results[2]], [*others[:2], *others[2]]))
+
+
 @pytest.mark.slow
 def test_compiled_ppo_epochs_trace_into_one_graph_after_one_eager_call(ppo_assets):
     """transformers installs its hidden-state hooks on a model's first call, under a lock torch.compile cannot
     trace: compiling TRL's policy-and-value wrapper as it comes breaks the graph there (measured: 10 breaks, 4
     graphs). After the script's one eager call, forward and backward compile into one graph, and its outputs and
-    gradients match eager ones (measured: largest difference 3.8e-6 on 2 CPU cores)."""
+    gradients match eager ones (measured: largest difference 2.9e-6 on 2 CPU cores)."""
     from torch._dynamo.utils import counters
 
-    query_responses = torch.randint(1, 500, (4, 12))
-    query_responses[:2, :3] = 0  # left padding, as TRL's batches have
-    pad = 0
-
-    def run(model):
-        output, values = ppo.forward_without_kv_cache(model, query_responses, pad)  # the pass training makes
-        (output.logits.float().logsumexp(-1).mean() + values.square().mean()).backward()
-        gradients = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        return output.logits.detach(), values.detach(), gradients
+    query_responses = left_padded_batch()
 
     def compiled_counts(compile):
         torch._dynamo.reset()
         counters.clear()
         model = policy_and_value(ppo_assets)
         compile(model)
-        result = run(model)
+        result = ppo_pass_results(model, query_responses)
         return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"], result
 
     breaks, graphs, _ = compiled_counts(lambda model: setattr(model, "forward", torch.compile(model.forward)))
@@ -469,33 +482,28 @@ def test_compiled_ppo_epochs_trace_into_one_graph_after_one_eager_call(ppo_asset
     assert breaks > 0 and graphs > 1  # the bug: if this fails, transformers fixed it and the eager call can go
     breaks, graphs, compiled = compiled_counts(lambda model: ppo.compile_ppo_epochs(model, "default"))
     assert (breaks, graphs) == (0, 1)
-    eager = run(policy_and_value(ppo_assets))
+    eager = ppo_pass_results(policy_and_value(ppo_assets), query_responses)
     torch._dynamo.reset()
-    differences = [(a - b).abs().max().item() for a, b in zip([*compiled[:2], *compiled[2]], [*eager[:2], *eager[2]])]
-    print(f"largest difference to eager: {max(differences):.2e}")
-    assert len(compiled[2]) == len(eager[2]) > 0 and max(differences) < 1e-4
+    largest = largest_difference(compiled, eager)
+    print(f"largest difference to eager: {largest:.2e}")
+    assert len(compiled[2]) == len(eager[2]) > 0 and largest < 1e-4
 
 
 @pytest.mark.slow
 def test_compiled_blocks_serve_both_models_in_one_graph_only_inside_the_ppo_pass(ppo_assets):
     """--compile_scope blocks: every block of the policy and the value model runs its compiled forward while the
     policy-and-value pass runs, and its own method outside it (generation and the rollout's value pass use the same
-    blocks, at other shapes), with eager gradients. One graph serves all four blocks, without a break:
-    transformers' attention-output hooks inside each block read a ContextVar, which broke every block in two
-    (measured: 4 breaks, 3 graphs, first step 7.4 s instead of 4.5 s) until the pass made the collector a plain
-    global, as transformers does when a whole model is compiled; the ContextVar is back after the pass, and so is
-    a forward a block had of its own. A pass called from inside the pass runs in the blocks already swapped in."""
+    blocks, at other shapes), with eager outputs and gradients (measured: within 2.9e-6). One graph serves all
+    four blocks, without a break: transformers' attention-output hooks inside each block read a ContextVar, which
+    broke every block in two (measured: 4 breaks, 3 graphs, first step 7.4 s instead of 4.5 s) until the pass made
+    the collector a plain global, as transformers does when a whole model is compiled; the ContextVar is back after
+    the pass, and so is a forward a block had of its own. A pass called from inside the pass runs in the blocks
+    already swapped in."""
     from torch._dynamo.utils import counters
     from transformers.utils import output_capturing
 
-    query_responses = torch.randint(1, 500, (4, 12), generator=torch.Generator().manual_seed(0))
-    query_responses[:2, :3] = 0  # left padding, as TRL's batches have
+    query_responses = left_padded_batch()
     eager, wrapper = policy_and_value(ppo_assets), policy_and_value(ppo_assets)
-
-    def gradients(model):
-        output, values = ppo.forward_without_kv_cache(model, query_responses, 0)
-        (output.logits.logsumexp(-1).mean() + values.square().mean()).backward()
-        return [p.grad for p in model.parameters()]
 
     torch._dynamo.reset()
     counters.clear()
@@ -505,7 +513,7 @@ def test_compiled_blocks_serve_both_models_in_one_graph_only_inside_the_ppo_pass
     assert len(blocks) == 2 * 2  # 2 layers, policy and value model
     own_forward = blocks[0].forward  # as a hook library may set one on the instance
     blocks[0].forward = own_forward
-    compiled = gradients(wrapper)
+    compiled = ppo_pass_results(wrapper, query_responses)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # shared by all 4 blocks
     assert output_capturing._active_collector is collector
     assert vars(blocks[0])["forward"] is own_forward and all("forward" not in vars(block) for block in blocks[1:])
@@ -534,9 +542,9 @@ def test_compiled_blocks_serve_both_models_in_one_graph_only_inside_the_ppo_pass
     assert plain.get() is None
     assert output_capturing._active_collector is collector and all("forward" not in vars(b) for b in blocks)
     torch._dynamo.reset()
-    largest = max((a - b).abs().max().item() for a, b in zip(compiled, gradients(eager)))
-    print(f"blocks: largest gradient difference to eager {largest:.2e}")
-    assert len(compiled) == len(list(eager.parameters())) and largest < 1e-4
+    largest = largest_difference(compiled, ppo_pass_results(eager, query_responses))
+    print(f"blocks: largest difference to eager (logits, values, gradients) {largest:.2e}")
+    assert len(compiled[2]) == len(list(eager.parameters())) and largest < 1e-4
 
 
 @pytest.mark.slow
