@@ -31,6 +31,8 @@ def benchmark_parser(doc: str, script: str, archs: list) -> argparse.ArgumentPar
                         help="also run each layout (not the baseline) once more, up to this step (2 or later), and "
                              "profile that step: operations ranked by GPU and CPU time in WORK_DIR/NAME.profile.txt, "
                              "their count in the row (whose timings come from the unprofiled run)")
+    parser.add_argument("--profile_layouts", default=None,
+                        help="with --profile_step: profile only these layouts (names, comma-separated); default all")
     return parser
 
 
@@ -43,6 +45,12 @@ def parse_benchmark_args(parser: argparse.ArgumentParser) -> tuple:
     if args.profile_step is not None and args.profile_step < 2:
         parser.error("--profile_step must be 2 or later: the first step warms up (and compiles)")
     variants = [(name.strip(), flags.split()) for name, _, flags in (v.partition(":") for v in args.variant)]
+    if args.profile_layouts is not None:
+        unknown = set(args.profile_layouts.split(",")) - {args.name} - {name for name, _ in variants}
+        if args.profile_step is None or unknown:
+            parser.error(f"--profile_layouts needs --profile_step and names of measured layouts (unknown: "
+                         f"{', '.join(sorted(unknown)) or 'none'}; measured: {args.name}, "
+                         f"{', '.join(name for name, _ in variants) or 'no variants'})")
     return args, script_flags, variants
 
 
@@ -179,14 +187,17 @@ def measure_layouts(benchmark: str, args, layouts: list, measure_one, baseline: 
 
 
 def profile_layouts(benchmark: str, args, layouts: list, run_profiled) -> dict:
-    """After every timed row: run each layout once more up to step --profile_step, profiled (timed runs never are:
-    profiling slows the steps after it too), and record a row with that step's operation and GPU kernel launch
-    counts; its table goes to WORK_DIR/NAME.profile.txt. Layouts with the same flags are profiled once.
+    """After every timed row: run each layout (or those --profile_layouts names) once more up to step
+    --profile_step, profiled (timed runs never are: profiling slows the steps after it too), and record a row with
+    that step's seconds (profiled), operation and GPU kernel launch counts and GPU busy seconds, and that run's first
+    step (compile caches warm); its table goes to WORK_DIR/NAME.profile.txt. Layouts with the same flags are
+    profiled once.
     `run_profiled(name, flags, profile)` runs the script with STEP_TIMER_PROFILE=`profile` and returns run_script's
     result."""
     seen, unique = set(), []
+    chosen = args.profile_layouts.split(",") if args.profile_layouts else [name for name, _ in layouts]
     for name, flags in layouts:
-        if tuple(flags) not in seen:
+        if name in chosen and tuple(flags) not in seen:
             seen.add(tuple(flags))
             unique.append((name, flags))
 
@@ -195,10 +206,13 @@ def profile_layouts(benchmark: str, args, layouts: list, run_profiled) -> dict:
         path = os.path.join(args.work_dir, f"{name}.profile.txt")
         if os.path.exists(path):
             os.remove(path)  # never a stale one from an earlier run
-        counts = run_profiled(name, flags, f"{args.profile_step}:{path}")["profiled_step_counts"]
-        unit = "update" if benchmark == "ppo" else "step"
+        run = run_profiled(name, flags, f"{args.profile_step}:{path}")
+        counts, unit = dict(run["profiled_step_counts"]), "update" if benchmark == "ppo" else "step"
+        figures = {f"profiled_{unit}_seconds": counts.pop("step_seconds", None),
+                   **{f"{key}_per_{unit}": value for key, value in counts.items()},
+                   # This run's first step, with the compile caches as the timed runs before it left them (warm).
+                   f"first_{unit}_seconds_warm": run["first_step_seconds"]}
         return record(benchmark, {"arch": args.arch, "device": args.device, "layout": label,
-                                  f"profiled_{unit}": args.profile_step},
-                      {f"{key}_per_{unit}": value for key, value in counts.items()})
+                                  f"profiled_{unit}": args.profile_step}, figures)
 
     return measure_layouts(benchmark, args, [(f"{name}-profile", flags) for name, flags in unique], profile_one)

@@ -55,21 +55,22 @@ if [[ $GROUP == ppo ]]; then
   #   pays, cold: the decode and the block graph.
   # - `static-cache-compile-cudagraphs`, the same compiled whole (H200, 2026-11-26, cold: 62.9 s first update, about
   #   40 s of it the PPO epochs' graph, 20 s the decode; the decode is warm here, so its first_optimisation_seconds
-  #   is the epochs' compile, nearly cold); its `-warm` repeat shows what a second run on one machine pays.
+  #   is the epochs' compile, nearly cold).
   # - `...-bf16` adds bf16 autocast to it. Eager, autocast was slower at this size (launch-bound); under CUDA
   #   graphs launches no longer dominate and the epochs' matmuls may gain (a new epochs' graph, about 40 s).
   # - `trl-logprobs` measures the script's chunked log-probabilities against TRL's row-by-row loop.
   # Measured on 2026-11-26, and so left out here: the static cache alone, compiled epochs in default mode, alone and
-  # with it, and compiled epochs with CUDA graphs alone. The timed rows take about 470 s; after them, in what is
-  # left of the part's 540 s, each layout but the baseline runs once more, 3 updates, to profile update 3
-  # (operations ranked by GPU and CPU time, kernel launches). `gpu_session.sh .old compile` times the two scopes
-  # apart, each with empty caches.
+  # with it, and compiled epochs with CUDA graphs alone. The timed rows take about 420 s. After them, the fastest
+  # layout of that session runs once more, 3 updates, to profile update 3: its kernels ranked by GPU time, its
+  # operations by CPU time, and the seconds the GPU was busy against the update's wall time (0.35 s steady, against
+  # an estimated 0.1 s of GPU work: is the rest the host?). That run's first update is what a second run on one
+  # machine pays (compile caches warm). `gpu_session.sh .old compile` times the two scopes apart, each with empty
+  # caches.
   both="--static_cache_generation true --compile_ppo_epochs reduce-overhead"
   part ppo 540 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
-    --baseline "$BASELINE" --profile_step 3 \
+    --baseline "$BASELINE" --profile_step 3 --profile_layouts static-cache-compile-cudagraphs \
     --variant "static-cache-blocks-cudagraphs: $both --compile_scope blocks" \
     --variant "static-cache-compile-cudagraphs: $both" \
-    --variant "static-cache-compile-cudagraphs-warm: $both" \
     --variant "static-cache-compile-cudagraphs-bf16: $both --bf16_autocast true" \
     --variant "trl-logprobs: --logprob_chunk_mib 0"
 fi

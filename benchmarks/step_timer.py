@@ -8,10 +8,11 @@ measured alike without either having to record it.
 With STEP_TIMER_PROFILE=N:PATH in the environment, step N (2 or later: the first one warms up) also runs under
 torch.profiler, and PATH gets its operations ranked by GPU time and by CPU time: where an update's time goes. The
 profile counts the step's PyTorch operations called from Python or autograd (compiled regions count only the
-library calls they make) and, on a GPU, its kernel launches (a CUDA graph replay counts as one): at GPT-2 size an
-update is bound by these counts, not by FLOPs. Profiling slows that step, the next (which writes the table) and,
-measured at GPT-2 size, the later ones too (its retained memory): the benchmarks profile in a run of their own and
-time only unprofiled runs.
+library calls they make) and, on a GPU, its kernel launches (a CUDA graph replay counts as one) and the seconds in
+which the GPU ran any kernel. Busy time well under the step's wall time means the GPU waited for the host (Python,
+launches, the reward's text round trip): fewer operations pay there, not fewer FLOPs. Profiling slows that step,
+the next (which writes the table) and, measured at GPT-2 size, the later ones too (its retained memory): the
+benchmarks profile in a run of their own and time only unprofiled runs.
 
 With STEP_TIMER_COMPILE_DECODE_ON_CPU=1, transformers compiles the decode step of every `generate` call that has a
 static cache, on any device, as it does on a GPU (it leaves a CPU's uncompiled): a CPU run then counts the operations
@@ -50,7 +51,7 @@ class StepTimer(TrainerCallback):
             self.profiler = profile_one_step()
         elif self.profiler is not None and steps_done == self.profile_step:
             self.profiler.__exit__(None, None, None)
-            self.counts = count_events(self.profiler)
+            self.counts = {**count_events(self.profiler), "step_seconds": round(self.marks[-1] - self.marks[-2], 4)}
             write_profile(self.profiler, self.profile_path, self.profile_step, self.marks[-1] - self.marks[-2],
                           self.counts)
             self.profiler = None
@@ -74,20 +75,35 @@ class StepTimer(TrainerCallback):
 def count_events(profiler) -> dict:
     """PyTorch operations called from Python or autograd (aten events whose parent is not an aten event) and, on a
     GPU, kernel launches (CUDA runtime/driver launch calls; a CUDA graph replay is one) with the kernels the GPU ran
-    as a cross-check (None where no GPU activity was recorded)."""
+    as a cross-check (None where no GPU activity was recorded), and the seconds in which any kernel ran: set against
+    the step's wall time, what is left is time the GPU waited for the host."""
     from torch.autograd import DeviceType
 
     operations = launches = kernels = 0
+    kernel_spans = []
     for event in profiler.events():
         parent = event.cpu_parent
         if event.device_type == DeviceType.CUDA:
             kernels += 1
+            kernel_spans.append((event.time_range.start, event.time_range.end))
         elif event.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::")):
             operations += 1
         elif "LaunchKernel" in event.name or event.name.startswith("cudaGraphLaunch"):
             launches += 1
     return {"operations": operations, "kernel_launches": launches if kernels else None,
-            "gpu_kernels": kernels or None}
+            "gpu_kernels": kernels or None,
+            "gpu_busy_seconds": round(busy_microseconds(kernel_spans) / 1e6, 4) if kernels else None}
+
+
+def busy_microseconds(spans: list) -> float:
+    """Length of the union of (start, end) intervals: kernels on several streams may overlap, and time in which two
+    ran at once is busy time once."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
 
 
 def profile_one_step():
@@ -104,7 +120,8 @@ def write_profile(profiler, path: str, step: int, seconds: float, counts: dict):
     import torch
 
     averages = profiler.key_averages()
-    launches = (f", {counts['kernel_launches']} kernel launches ({counts['gpu_kernels']} kernels ran on the GPU)"
+    launches = (f", {counts['kernel_launches']} kernel launches ({counts['gpu_kernels']} kernels ran on the GPU, "
+                f"busy {counts['gpu_busy_seconds']:.4f} s of the step: {counts['gpu_busy_seconds'] / seconds:.0%})"
                 if counts["kernel_launches"] is not None else "")
     tables = [f"Step {step}: {seconds:.4f} s of wall time (profiled, so slower than unprofiled steps); "
               f"{counts['operations']} PyTorch operations{launches}."]

@@ -39,11 +39,60 @@ def test_step_timer_profiles_one_step_and_records_which_steps_it_cost(tmp_path):
 
     recorded = drive(5, f"2:{tmp_path / 'profile.txt'}")
     assert len(recorded["step_seconds"]) == 5
-    assert recorded["profiled_step_counts"] == {"operations": 3, "kernel_launches": None, "gpu_kernels": None}
+    counts = recorded["profiled_step_counts"]
+    assert counts == {"operations": 3, "kernel_launches": None, "gpu_kernels": None, "gpu_busy_seconds": None,
+                      "step_seconds": recorded["step_seconds"][1]}  # no GPU here
     profile = (tmp_path / "profile.txt").read_text()
     assert profile.startswith("Step 2: ") and "; 3 PyTorch operations." in profile and "aten::mm" in profile
     assert drive(2, f"4:{tmp_path / 'late.txt'}")["profiled_step_counts"] == {}
     assert (tmp_path / "late.txt").read_text().startswith("No profile: training ended after 2 steps, before step 4")
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    """Kernels on two streams that overlap are busy time once; gaps between kernels (the GPU waiting for the host)
+    are not busy time."""
+    from step_timer import busy_microseconds
+
+    assert busy_microseconds([]) == 0
+    assert busy_microseconds([(0, 10), (20, 30)]) == 20  # a gap of 10 between them
+    assert busy_microseconds([(20, 30), (0, 10), (5, 12), (6, 8)]) == 22  # (0, 12) and (20, 30), in any order
+    assert busy_microseconds([(0, 100), (10, 20), (30, 40)]) == 100  # nested in a long one
+
+
+def test_profile_layouts_profiles_the_named_layouts_each_once(tmp_path, monkeypatch, capsys):
+    """--profile_layouts limits the profiled runs to the layouts named (a GPU session cannot afford a profiled run
+    of each); a named layout whose flags another named one has is profiled once. Each profile row carries the
+    profiled step's seconds, the counts and that run's first step (its compile caches warm from the timed runs)."""
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path / "RESULTS.md"))
+    args = type("Args", (), {"arch": "gpt2", "device": "cuda", "work_dir": str(tmp_path), "profile_step": 3,
+                             "profile_layouts": "b,c,d"})()
+    runs = []
+
+    def run_profiled(name, flags, profile):
+        runs.append((name, profile))
+        return {"first_step_seconds": 9.5, "profiled_step_counts": {
+            "operations": 100, "kernel_launches": 40, "gpu_kernels": 60, "gpu_busy_seconds": 0.1, "step_seconds": 0.4}}
+
+    layouts = [("a", ["--x"]), ("b", ["--y"]), ("c", ["--x"]), ("d", ["--y"])]
+    rows = common.profile_layouts("ppo", args, layouts, run_profiled)
+    assert [name for name, _ in runs] == ["b", "c"] and runs[0][1] == f"3:{tmp_path / 'b.profile.txt'}"
+    assert list(rows) == ["b-profile", "c-profile"]
+    assert rows["b-profile"]["figures"] == {
+        "profiled_update_seconds": 0.4, "operations_per_update": 100, "kernel_launches_per_update": 40,
+        "gpu_kernels_per_update": 60, "gpu_busy_seconds_per_update": 0.1, "first_update_seconds_warm": 9.5}
+
+
+def test_profile_layouts_must_name_measured_layouts(monkeypatch, capsys):
+    parser = common.benchmark_parser("", "ppo_gpt2_imdb.py", ["tiny"])
+    for argv, says in ((["--profile_layouts", "script-defaults"], "needs --profile_step"),
+                       (["--profile_step", "3", "--profile_layouts", "fast,script-defaults", "--variant", "slow: -x"],
+                        "(unknown: fast; measured: script-defaults, slow)")):
+        monkeypatch.setattr(sys, "argv", ["bench", *argv])
+        with pytest.raises(SystemExit):
+            common.parse_benchmark_args(parser)
+        assert says in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["bench", "--profile_step", "3", "--profile_layouts", "slow", "--variant", "slow: -x"])
+    assert common.parse_benchmark_args(parser)[0].profile_layouts == "slow"
 
 
 def test_compile_decode_on_cpu_makes_transformers_compile_static_cache_calls_as_on_a_gpu(tmp_path):
@@ -138,6 +187,8 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
     assert "must be one of" in broken["figures"]["failed"] and "must be one of" in broken_profile["figures"]["failed"]
     assert profiled["settings"]["profiled_update"] == 2 and profiled["figures"]["operations_per_update"] > 1000
     assert profiled["figures"]["kernel_launches_per_update"] is None  # no GPU here
+    assert profiled["figures"]["gpu_busy_seconds_per_update"] is None
+    assert profiled["figures"]["profiled_update_seconds"] > 0 and profiled["figures"]["first_update_seconds_warm"] > 0
     profile = (tmp_path / "script-defaults.profile.txt").read_text()
     assert profile.startswith("Step 2: ") and "By CPU time" in profile and "aten::" in profile
     assert ours["settings"]["updates"] == 3 and json.loads((tmp_path / "script-defaults-profiled" / "eval.json")
