@@ -16,6 +16,15 @@ as edited here. Read down to the first appendix for the whole recipe; the append
 """
 
 # %% Imports (each appendix imports what only it needs)
+import signal
+import sys
+
+if __name__ == "__main__" and "ipykernel" not in sys.modules:  # Ctrl-C while the libraries load: no traceback
+    def stopped_while_loading(signum, frame):
+        print("\nSIGINT: stopped at once. Nothing was trained yet.", file=sys.stderr)
+        raise SystemExit(130)  # as after training begins (Appendix C)
+
+    signal.signal(signal.SIGINT, stopped_while_loading)
 import copy
 import logging
 import os
@@ -602,6 +611,9 @@ class SentimentPPOTrainer(PPOTrainer):
                 logs["time/rollout_seconds"] = round(self.phase_seconds["rollout"][-1], 4)
                 logs["time/optimisation_seconds"] = round(self.phase_seconds["optimisation"][-1], 4)
             self.phase_started = {}
+            update = self.state.global_step
+            if update % self.args.logging_steps and update != self.total_updates:
+                return  # TRL logs every update, whatever logging_steps says; the last update is always logged
         super().log(logs, *args, **kwargs)
 
     def phase_timings(self) -> dict:
@@ -903,17 +915,33 @@ def bf16_autocast(args: Args) -> bool:
 
 
 # %% Appendix B: this script's settings checks: one paragraph naming the setting, before anything is loaded.
+# Settings that shape training's course: a resumed run must use those its checkpoint's run used (settings.json in
+# the output dir), or it would end where neither run would. The others (tracking, saving, speed) may change.
+RESUME_MUST_MATCH = ("seed", "batch_size", "num_mini_batches", "gradient_accumulation_steps", "num_ppo_epochs",
+                     "learning_rate", "total_episodes", "kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma",
+                     "lam", "response_length", "temperature", "prompt_min_tokens", "prompt_max_tokens",
+                     "min_review_chars")
+
+
 def validate(args: Args):
     positive = dict(
         response_length=args.response_length, prompt_min_tokens=args.prompt_min_tokens, batch_size=args.batch_size,
         num_ppo_epochs=args.num_ppo_epochs, num_eval_prompts=args.num_eval_prompts, learning_rate=args.learning_rate,
         num_mini_batches=args.num_mini_batches, gradient_accumulation_steps=args.gradient_accumulation_steps,
         reward_batch_size=args.reward_batch_size, temperature=args.temperature, eval_batch_size=args.eval_batch_size,
-        total_episodes=1 if args.total_episodes is None else args.total_episodes,
+        total_episodes=1 if args.total_episodes is None else args.total_episodes, logging_steps=args.logging_steps,
+        cliprange=args.cliprange, cliprange_value=args.cliprange_value,
     )
     for name, value in positive.items():
         if not value > 0:
             fail(f"--{name} must be positive, got {value}.")
+    for name, value in dict(save_steps=args.save_steps, sample_every=args.sample_every, kl_coef=args.kl_coef,
+                            vf_coef=args.vf_coef).items():
+        if value < 0:
+            fail(f"--{name} must be 0 or more, got {value}.")
+    for name, value in dict(gamma=args.gamma, lam=args.lam).items():
+        if not 0 <= value <= 1:
+            fail(f"--{name} must be between 0 and 1, got {value}.")
     if args.prompt_max_tokens < args.prompt_min_tokens:
         fail(f"--prompt_max_tokens ({args.prompt_max_tokens}) is below --prompt_min_tokens ({args.prompt_min_tokens}).")
     if args.batch_size % args.gradient_accumulation_steps:
@@ -949,7 +977,7 @@ def validate(args: Args):
 # <shared plumbing>
 # %% Appendix C: shared plumbing. Identical in both scripts (a test compares them), inlined so that each script
 # runs copied alone: settings parsing and presets, clear errors, output-dir protection, checkpoints, interrupts,
-# trackers. Everything here reads the script's own `Args`, `PRESETS` and `SCRIPT`.
+# trackers. Everything here reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
 import argparse
 import json
 import random
@@ -958,6 +986,7 @@ import sys
 import textwrap
 
 import numpy as np
+import yaml
 from transformers import AutoTokenizer
 from transformers.utils import is_torch_tf32_available
 from trl import TrlParser
@@ -990,7 +1019,8 @@ def parse_args(argv: Optional[list] = None) -> Args:
 
 
 def build_parser(defaults: dict) -> TrlParser:
-    parser = TrlParser(Args)
+    parser = TrlParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
+    parser.error = lambda message: fail(f"{message.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="YAML file of settings (name: value); flags given on the command line win over it")
     for action in parser._actions:
@@ -1000,6 +1030,9 @@ def build_parser(defaults: dict) -> TrlParser:
         if action.option_strings and action.option_strings[0].startswith("--no_"):
             action.help = f"turn --{action.option_strings[0][5:]} off"
             action.default = argparse.SUPPRESS  # its "(default: False)" read as the setting's; --X's default rules
+        bool_typed = getattr(action.type, "__name__", "") == "string_to_bool"  # TRL's parser's own copy
+        if bool_typed and action.nargs is None:  # an Optional[bool] setting: a bare --X means true, as for a bool
+            action.nargs, action.const = "?", True
     parser.set_defaults(**defaults)
     return parser
 
@@ -1015,12 +1048,15 @@ def parse_with_defaults(argv: list, defaults: dict) -> Args:
             fail(f"--config: {err}")
         where = "in the YAML file" if "config file" in str(err) else "on the command line"
         known = list(Args.__dataclass_fields__)
-        hints = [f"'{name}'" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1))
+        hints = [f"'{name}'" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1)
+                                                                     or [k for k in known if k.startswith(name)])
                                 else "") for name in unknown]
         fail(f"Unknown setting {', '.join(hints)} {where}. Every setting is a field of Args "
              f"(`python {SCRIPT} --help` lists them).")
     except OSError as err:
         fail(f"--config: cannot read the YAML file ({err.strerror}: {err.filename}).")
+    except yaml.YAMLError as err:  # what TRL's parser lets through from a file that is not YAML
+        fail(f"--config: the file is not valid YAML: {' '.join(str(err).split())}.")
     return args
 
 
@@ -1165,6 +1201,11 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     directory = args.output_dir
     checkpoints = [f"checkpoint-{step}" for step in checkpoint_steps(directory)]
     finished = os.path.exists(os.path.join(directory, "eval.json"))
+    if finished and args.resume and not args.overwrite_output_dir:  # it would train again over the finished model
+        fail(f"--output_dir {directory!r} holds a finished run (eval.json and the trained model): resuming from one "
+             f"of its checkpoints would train again over it. Nothing was changed. Drop --resume and choose another "
+             f"--output_dir, or add --overwrite_output_dir to continue from that checkpoint and replace the finished "
+             f"model (its eval.json is deleted).")
     if args.resume:
         if args.resume == "latest":
             complete = checkpoint_steps(directory, checkpoint_marker)
@@ -1175,13 +1216,21 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
         else:
             checkpoint = args.resume
         check_checkpoint(checkpoint, checkpoint_marker)
+        check_resume_settings(args, checkpoint)
+        if finished:  # and --overwrite_output_dir: asked for, once the checkpoint is known to be sound
+            PartialState().wait_for_everyone()
+            if PartialState().is_main_process:
+                os.remove(os.path.join(directory, "eval.json"))
+                print(f"--overwrite_output_dir: deleted the finished run's eval.json; continuing from {checkpoint}.")
+            PartialState().wait_for_everyone()
+        record_settings(args)
         return checkpoint
     if (finished or checkpoints) and not args.overwrite_output_dir:
         what = "a finished run (eval.json and the trained model)" if finished else \
             f"checkpoints of an unfinished run ({', '.join(checkpoints[-3:])})"
         fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
-             f"another --output_dir, continue it with --resume, or pass --overwrite_output_dir to start over "
-             f"(its eval.json and checkpoints are deleted).")
+             f"another --output_dir, {'' if finished else 'continue it with --resume, '}or pass "
+             f"--overwrite_output_dir to start over (its eval.json and checkpoints are deleted).")
     PartialState().wait_for_everyone()  # every process has looked before the main one deletes anything
     if (finished or checkpoints) and PartialState().is_main_process:
         import shutil
@@ -1192,7 +1241,29 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
             os.remove(os.path.join(directory, "eval.json"))
         print(f"--overwrite_output_dir: deleted the earlier run's eval.json and {len(checkpoints)} checkpoint(s).")
     PartialState().wait_for_everyone()
+    record_settings(args)
     return None
+
+
+def record_settings(args):
+    """The run's settings, in the output dir beside its checkpoints: what a resumed run is checked against."""
+    if PartialState().is_main_process:
+        write_json(os.path.join(args.output_dir, "settings.json"), vars(args))
+
+
+def check_resume_settings(args, checkpoint: str):
+    """Each of RESUME_MUST_MATCH as the run that wrote `checkpoint` had it (its output dir's settings.json; a run
+    from before that file existed is not checked)."""
+    path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "settings.json")
+    if not os.path.exists(path):
+        return
+    saved = read_json(path)
+    changed = [f"--{name} {saved[name]} -> {getattr(args, name)}" for name in RESUME_MUST_MATCH
+               if name in saved and saved[name] != getattr(args, name)]
+    if changed:
+        fail(f"--resume {checkpoint!r}: the run that wrote it was trained with other settings ({'; '.join(changed)}), "
+             f"and a resumed run ends where that run would only with the same ones. Nothing was loaded. Set them "
+             f"back, or start a new run in another --output_dir.")
 
 
 def checkpoint_steps(directory: str, marker: Optional[str] = None) -> list:

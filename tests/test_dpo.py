@@ -265,6 +265,13 @@ def test_a_model_directory_without_tokenizer_files_is_explained_in_a_sentence(dp
     (["--optim", "paged_adamw_32bit"], r"--optim paged_adamw_32bit needs a CUDA GPU"),
     (["--beta", "0"], r"--beta must be positive"),
     (["--max_steps", "0"], r"--max_steps must be positive"),
+    (["--logging_steps", "0"], r"--logging_steps must be positive"),
+    (["--max_train_samples", "0"], r"--max_train_samples must be positive, got 0"),
+    (["--lora_dropout", "1.5"], r"--lora_dropout must be at least 0 and below 1, got 1.5"),
+    (["--lr_scheduler_type", "cosin"], r"--lr_scheduler_type 'cosin' is not one transformers knows \(did you mean "
+                                       r"cosine\?\). It takes: linear, cosine,"),
+    (["--optim", "adamw_torhc"], r"--optim 'adamw_torhc' is not one transformers knows \(did you mean adamw_torch\?\)"
+                                 r".* and \d+ more\."),
     (["--max_length", "4096"], r"--max_length \(4096\) exceeds the model's context of 128 tokens"),
     (["--resume"], r"--resume: no checkpoint of this script in --output_dir"),
 ])
@@ -464,6 +471,11 @@ def test_a_finished_run_is_never_overwritten_silently(dpo_assets, tmp_path):
     stops_with(r"holds a finished run .* Nothing was changed.*--overwrite_output_dir", run_tiny, dpo, dpo_assets, out,
                *common)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    stops_with(r"holds a finished run .* would train again over it", run_tiny, dpo, dpo_assets, out, *common, "--resume")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    stops_with(r"the run that wrote it was trained with other settings \(--beta [\d.]+ -> 0.3\)", run_tiny, dpo,
+               dpo_assets, out, *common, "--resume", "--overwrite_output_dir", "--beta", "0.3")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # checked before eval.json goes
     assert "adapter_model.safetensors" in before and "eval.json" in before
     result = run_tiny(dpo, dpo_assets, out, *common, "--overwrite_output_dir", "--save_steps", "0")
     assert result["steps"] == 4 and not list(out.glob("checkpoint-*"))
@@ -473,6 +485,7 @@ def test_a_broken_checkpoint_is_named_and_a_crash_while_saving_leaves_none(dpo_a
     out = tmp_path / "run"
     common = ["--max_steps", "4", "--eval_steps", "0", "--num_eval_generations", "0", "--max_eval_samples", "8"]
     run_tiny(dpo, dpo_assets, out, *common, "--save_steps", "2")
+    os.remove(out / "eval.json")  # as if the run had been interrupted after its last checkpoint
     adapter = out / "checkpoint-4" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-100])
     stops_with(r"checkpoint-4' is incomplete or damaged: adapter_model.safetensors cannot be read \(ValueError: "

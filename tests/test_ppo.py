@@ -198,6 +198,11 @@ def test_a_model_directory_without_a_fitting_tokenizer_is_explained(ppo_assets, 
     ("--compile_scope", "layers", r"--compile_scope must be whole or blocks, got 'layers'"),
     ("--compile_scope", "blocks", r"--compile_scope blocks says what --compile_ppo_epochs compiles, and it is unset"),
     ("--logprob_chunk_mib", "-1", r"--logprob_chunk_mib must be 0 \(TRL's row-by-row log-probabilities\) or more"),
+    ("--logging_steps", "0", r"--logging_steps must be positive, got 0"),
+    ("--cliprange", "-1", r"--cliprange must be positive, got -1.0"),
+    ("--save_steps", "-1", r"--save_steps must be 0 or more, got -1"),
+    ("--sample_every", "-2", r"--sample_every must be 0 or more, got -2"),
+    ("--lam", "2", r"--lam must be between 0 and 1, got 2.0"),
     ("--batch_size", "10000", r"Only \d+ training prompts remain after filtering, fewer than one --batch_size \(10000\)"),
 ])
 def test_bad_settings_stop_with_one_paragraph(ppo_assets, tmp_path, setting, value, expected):
@@ -751,13 +756,25 @@ def test_a_finished_or_unfinished_run_is_never_overwritten_silently(ppo_assets, 
     out = tmp_path / "run"
     run_tiny(ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8", "--save_steps", "2")
     before = fingerprint(out)
-    message = stops_with(r"holds a finished run .* Nothing was changed. Choose another --output_dir, continue it with "
-                         r"--resume, or pass --overwrite_output_dir", run_tiny, ppo, ppo_assets, out,
+    message = stops_with(r"holds a finished run .* Nothing was changed. Choose another --output_dir, or pass "
+                         r"--overwrite_output_dir", run_tiny, ppo, ppo_assets, out,
                          "--total_episodes", "64", "--num_eval_prompts", "8")
     assert fingerprint(out) == before and "eval.json" in before and "model.safetensors" in before
+    assert "--resume" not in message  # it would train again from checkpoint-2 over the finished model
+    stops_with(r"holds a finished run .* resuming from one of its checkpoints would train again over it. Nothing was "
+               r"changed. Drop --resume .* or add --overwrite_output_dir to continue from that checkpoint", run_tiny,
+               ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8", "--resume")
+    assert fingerprint(out) == before
     os.remove(out / "eval.json")  # as if the run had been interrupted after its checkpoints
     stops_with(r"holds checkpoints of an unfinished run \(checkpoint-2, checkpoint-4\).*--resume", run_tiny, ppo,
                ppo_assets, out, "--total_episodes", "64", "--num_eval_prompts", "8")
+    # Resumed with other settings it would end where neither run would; tracking and saving settings may change.
+    before = fingerprint(out)
+    message = stops_with(r"--resume .*checkpoint-4': the run that wrote it was trained with other settings "
+                         r"\(--batch_size 32 -> 16; --kl_coef 0.1 -> 0.3\).* Nothing was loaded", run_tiny, ppo,
+                         ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8", "--resume",
+                         "--batch_size", "16", "--kl_coef", "0.3", "--logging_steps", "3", "--save_steps", "5")
+    assert "logging_steps" not in message and "save_steps" not in message and fingerprint(out) == before
     result = run_tiny(ppo, ppo_assets, out, "--total_episodes", "64", "--num_eval_prompts", "8",
                       "--overwrite_output_dir", "--save_steps", "0")
     assert result["updates"] == 2 and not list(out.glob("checkpoint-*"))  # the old checkpoints went, by request
@@ -767,6 +784,7 @@ def test_a_finished_or_unfinished_run_is_never_overwritten_silently(ppo_assets, 
 def test_a_broken_checkpoint_is_named_before_any_model_loads(ppo_assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_tiny(ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8", "--save_steps", "2")
+    os.remove(out / "eval.json")  # as if the run had been interrupted after its last checkpoint
     weights = out / "checkpoint-4" / "pytorch_model.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a crash while copying, say
     monkeypatch.setattr(ppo, "load_policy_tokenizer", lambda args: pytest.fail("a model was loaded"))
@@ -816,14 +834,16 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(pp
 
 def test_resuming_from_an_earlier_checkpoint_replaces_the_later_ones(ppo_assets, tmp_path):
     """Continuing from checkpoint-4 of a run that went on to checkpoint-8 writes checkpoints 6 and 8 again (the
-    rename used to fail on the existing folders) and ends with the same weights (within 1e-6)."""
+    rename used to fail on the existing folders) and ends with the same weights (within 1e-6). The run had finished,
+    so replacing its model takes --overwrite_output_dir (without it: test_a_finished_or_unfinished_run_...)."""
     from safetensors.torch import load_file
 
     common = ["--total_episodes", "256", "--save_steps", "2", "--num_eval_prompts", "8"]
     run_tiny(ppo, ppo_assets, tmp_path, *common)
     first = load_file(tmp_path / "model.safetensors")
     (tmp_path / "checkpoint-8" / "stale-marker").write_text("from the first run")
-    result = run_tiny(ppo, ppo_assets, tmp_path, *common, "--resume", tmp_path / "checkpoint-4")
+    result = run_tiny(ppo, ppo_assets, tmp_path, *common, "--resume", tmp_path / "checkpoint-4",
+                      "--overwrite_output_dir")
     assert result["updates_this_run"] == 4 and not (tmp_path / "checkpoint-8" / "stale-marker").exists()
     again = load_file(tmp_path / "model.safetensors")
     for key in first:
@@ -952,15 +972,18 @@ def test_wandb_offline_run_records_sample_tables_reward_spread_and_closes_cleanl
 
 
 @pytest.mark.slow
-def test_tensorboard_run_writes_readable_scalars(ppo_assets, tmp_path):
+def test_tensorboard_run_writes_readable_scalars_every_logging_steps_updates_and_at_the_last(ppo_assets, tmp_path):
+    """TRL 1.12's PPO loop logs every update whatever logging_steps says; the script thins it out as the setting
+    says, and always logs the last update."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    run_tiny(ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8", "--logging_steps", "1",
+    run_tiny(ppo, ppo_assets, out, "--total_episodes", "160", "--num_eval_prompts", "8", "--logging_steps", "2",
              "--report_to", "tensorboard")
     (events,) = {path.parent for path in out.rglob("events.out.tfevents.*")}
-    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
-    assert "train/objective/scores" in scalars and "train/objective/kl" in scalars
+    accumulator = EventAccumulator(str(events)).Reload()
+    assert "train/objective/kl" in accumulator.Tags()["scalars"]
+    assert [event.step for event in accumulator.Scalars("train/objective/scores")] == [2, 4, 5]  # 5 updates
 
 
 # ---------------------------------------------------------------------------------------------- two processes

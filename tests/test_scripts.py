@@ -9,7 +9,7 @@ import pytest
 
 import dpo_llama2_stackexchange as dpo
 import ppo_gpt2_imdb as ppo
-from helpers import DPO_SCRIPT, PPO_SCRIPT, REPO, run_cli
+from helpers import DPO_SCRIPT, PPO_SCRIPT, REPO, run_cli, stops_with
 
 SCRIPTS = [(PPO_SCRIPT, ppo), (DPO_SCRIPT, dpo)]
 
@@ -74,6 +74,53 @@ def test_an_unknown_setting_in_yaml_or_on_the_command_line_is_named_with_the_clo
     assert typo.returncode == 1 and "Traceback" not in typo.stderr
     assert "Unknown setting 'learnig_rate' (did you mean learning_rate?) on the command line" in \
         " ".join(typo.stderr.split())
+
+
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_values_argparse_refuses_stop_with_one_paragraph_and_abbreviations_are_unknown_settings(script, module, tmp_path):
+    """A value of the wrong type, a missing value or a file that is not YAML: one paragraph and exit 1 (argparse's
+    own would print the whole usage and exit 2; PyYAML's, a traceback). A prefix of a setting's name is not taken for
+    it (argparse's default): it is named as unknown, with the setting it may mean."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learning_rate: [0.1\n")
+    wrong_type = tmp_path / "wrong_type.yaml"
+    wrong_type.write_text("seed: abc\n")
+    for argv, expected in (
+            (["--seed", "abc"], r"^error: argument --seed: invalid int value: 'abc'. `python \S+ --help` lists"),
+            (["--seed"], r"^error: argument --seed: expected one argument."),
+            (["--overwrite_output_dir", "maybe"], r"Truthy value expected: got maybe"),
+            (["--config", broken], r"^error: --config: the file is not valid YAML: while parsing a flow sequence in "
+                                   r".*broken.yaml\", line 1"),
+            (["--config", wrong_type], r"^error: argument --seed: invalid int value: 'abc'"),
+            (["--learning_rat", "0.1"], r"Unknown setting 'learning_rat' \(did you mean learning_rate\?\)"),
+            (["--see", "3"], r"Unknown setting 'see' \(did you mean seed\?\)")):
+        message = stops_with(expected, module.parse_args, [*map(str, argv), "--output_dir", str(tmp_path)])
+        assert message.strip().count("\n\n") == 0 and "usage:" not in message
+
+
+def test_an_optional_boolean_setting_given_bare_means_true():
+    """DPO's --use_liger_kernel (None: decide from the machine) takes a bare flag, as every other boolean does."""
+    for argv, expected in ((["--use_liger_kernel"], True), (["--use_liger_kernel", "--seed", "3"], True),
+                           (["--use_liger_kernel", "false"], False), ([], None)):
+        assert dpo.parse_args(argv).use_liger_kernel is expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_ctrl_c_while_the_libraries_load_stops_with_one_line(script, module, tmp_path):
+    """SIGINT half a second in, while torch, transformers and TRL are still being imported (several seconds), before
+    the training's own handler is set: one line and exit 130, as a stop once training began, no traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, os.path.join(REPO, script), "--output_dir", str(tmp_path / "out")],
+                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130 and stderr.strip() == "SIGINT: stopped at once. Nothing was trained yet.", stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_resume_command_drops_every_form_of_resume_and_overwrite():
