@@ -107,7 +107,7 @@ class Args:
     wandb_project: str = arg("ppo_gpt2_imdb", "wandb project the run is logged to")
     wandb_entity: Optional[str] = arg(None, "wandb team or user; None: your default entity")
     run_name: Optional[str] = arg(None, "run name on the tracker; None: generated")
-    logging_steps: int = arg(1, "log metrics every N PPO updates")
+    logging_steps: int = arg(1, "log metrics every N PPO updates, and at the last")
     sample_every: int = arg(10, "log a table of (prompt, response, reward) samples every N PPO updates; 0: never")
     save_steps: int = arg(50, "save a resumable checkpoint every N PPO updates; 0: none (Ctrl-C still saves one)")
     resume: Optional[str] = arg(None, "continue from a checkpoint: 'latest' (bare --resume) or a checkpoint dir")
