@@ -24,6 +24,7 @@ if __name__ == "__main__" and "ipykernel" not in sys.modules:  # Ctrl-C while th
         raise SystemExit(130)  # as after training begins (Appendix C)
 
     signal.signal(signal.SIGINT, stopped_while_loading)
+
 import gc
 import logging
 import os
