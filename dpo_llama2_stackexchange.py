@@ -650,12 +650,8 @@ def validate(args: Args):
     for name, value, choices in (("lr_scheduler_type", args.lr_scheduler_type, [s.value for s in SchedulerType]),
                                  ("optim", args.optim, [o.value for o in OptimizerNames])):
         if value not in choices:
-            import difflib
-
-            close = difflib.get_close_matches(value, choices, 1)
             listed = ", ".join(choices) if len(choices) <= 15 else ", ".join(choices[:8]) + f" and {len(choices) - 8} more"
-            fail(f"--{name} {value!r} is not one transformers knows" + (f" (did you mean {close[0]}?)" if close else "")
-                 + f". It takes: {listed}.")
+            fail(f"--{name} {value!r} is not one transformers knows{did_you_mean(value, choices)}. It takes: {listed}.")
     if args.max_prompt_length >= args.max_length:
         fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}): "
              f"the answer needs room.")
@@ -764,16 +760,12 @@ def parse_with_defaults(argv: list, defaults: dict) -> Args:
     try:
         (args,) = build_parser(defaults).parse_args_and_config(args=list(argv))
     except ValueError as err:  # TRL's and transformers' parsers report unknown settings as ValueError
-        import difflib
-
         unknown = [token[2:] for token in str(err).split("[", 1)[-1].split("'") if token.startswith("--")]
         if not unknown:
             fail(f"--config: {err}")
         where = "in the YAML file" if "config file" in str(err) else "on the command line"
         known = list(Args.__dataclass_fields__)
-        hints = [f"'{name}'" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1)
-                                                                     or [k for k in known if k.startswith(name)])
-                                else "") for name in unknown]
+        hints = [f"'{name}'{did_you_mean(name, known)}" for name in unknown]
         fail(f"Unknown setting {', '.join(hints)} {where}. Every setting is a field of Args "
              f"(`python {SCRIPT} --help` lists them).")
     except OSError as err:
@@ -781,6 +773,14 @@ def parse_with_defaults(argv: list, defaults: dict) -> Args:
     except yaml.YAMLError as err:  # what TRL's parser lets through from a file that is not YAML
         fail(f"--config: the file is not valid YAML: {' '.join(str(err).split())}.")
     return args
+
+
+def did_you_mean(name: str, known: list) -> str:
+    """The hint ' (did you mean X?)', X the known name closest to `name` (or one that begins with it); else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, 1) or [k for k in known if k.startswith(name)]
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def fail(message: str):

@@ -51,9 +51,9 @@ class StepTimer(TrainerCallback):
             self.profiler = profile_one_step()
         elif self.profiler is not None and steps_done == self.profile_step:
             self.profiler.__exit__(None, None, None)
-            self.counts = {**count_events(self.profiler), "step_seconds": round(self.marks[-1] - self.marks[-2], 4)}
-            write_profile(self.profiler, self.profile_path, self.profile_step, self.marks[-1] - self.marks[-2],
-                          self.counts)
+            seconds = self.marks[-1] - self.marks[-2]
+            self.counts = {**count_events(self.profiler), "step_seconds": round(seconds, 4)}
+            write_profile(self.profiler, self.profile_path, self.profile_step, seconds, self.counts)
             self.profiler = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
