@@ -59,6 +59,27 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert busy_microseconds([(0, 100), (10, 20), (30, 40)]) == 100  # nested in a long one
 
 
+def test_a_gpu_profile_counts_launches_kernels_and_busy_seconds_as_the_union_of_kernel_spans():
+    """The GPU side of count_events, on a profile faked here (no GPU): busy seconds are the union of the kernels'
+    microsecond spans, launches are the runtime's launch calls, and operations nested in an aten operation are not
+    counted again."""
+    from types import SimpleNamespace
+
+    from step_timer import count_events
+    from torch.autograd import DeviceType
+
+    def event(name, device, start=0, end=0, parent=None):
+        return SimpleNamespace(name=name, device_type=device, cpu_parent=parent,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    mm = event("aten::mm", DeviceType.CPU)
+    events = [mm, event("aten::t", DeviceType.CPU, parent=mm), event("cudaLaunchKernel", DeviceType.CPU),
+              event("cudaGraphLaunch", DeviceType.CPU), event("gemm", DeviceType.CUDA, 0, 300_000),
+              event("add", DeviceType.CUDA, 100_000, 500_000), event("copy", DeviceType.CUDA, 900_000, 1_000_000)]
+    assert count_events(SimpleNamespace(events=lambda: events)) == {
+        "operations": 1, "kernel_launches": 2, "gpu_kernels": 3, "gpu_busy_seconds": 0.6}
+
+
 def test_profile_layouts_profiles_the_named_layouts_each_once(tmp_path, monkeypatch, capsys):
     """--profile_layouts limits the profiled runs to the layouts named (a GPU session cannot afford a profiled run
     of each); a named layout whose flags another named one has is profiled once. Each profile row carries the

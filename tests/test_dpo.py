@@ -268,6 +268,13 @@ def test_a_model_directory_without_tokenizer_files_is_explained_in_a_sentence(dp
     (["--logging_steps", "0"], r"--logging_steps must be positive"),
     (["--max_train_samples", "0"], r"--max_train_samples must be positive, got 0"),
     (["--lora_dropout", "1.5"], r"--lora_dropout must be at least 0 and below 1, got 1.5"),
+    (["--lora_dropout", "1"], r"--lora_dropout must be at least 0 and below 1, got 1.0"),
+    (["--lora_alpha", "0"], r"--lora_alpha must be positive, got 0"),
+    (["--weight_decay", "-0.1"], r"--weight_decay must be 0 or more, got -0.1"),
+    (["--warmup_steps", "-1"], r"--warmup_steps must be 0 or more, got -1"),
+    (["--save_steps", "-1"], r"--save_steps must be 0 or more, got -1"),
+    (["--eval_steps", "-1"], r"--eval_steps must be 0 or more, got -1"),
+    (["--num_eval_generations", "-1"], r"--num_eval_generations must be 0 or more, got -1"),
     (["--lr_scheduler_type", "cosin"], r"--lr_scheduler_type 'cosin' is not one transformers knows \(did you mean "
                                        r"cosine\?\). It takes: linear, cosine,"),
     (["--optim", "adamw_torhc"], r"--optim 'adamw_torhc' is not one transformers knows \(did you mean adamw_torch\?\)"

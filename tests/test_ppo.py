@@ -203,6 +203,10 @@ def test_a_model_directory_without_a_fitting_tokenizer_is_explained(ppo_assets, 
     ("--save_steps", "-1", r"--save_steps must be 0 or more, got -1"),
     ("--sample_every", "-2", r"--sample_every must be 0 or more, got -2"),
     ("--lam", "2", r"--lam must be between 0 and 1, got 2.0"),
+    ("--gamma", "1.5", r"--gamma must be between 0 and 1, got 1.5"),
+    ("--kl_coef", "-0.1", r"--kl_coef must be 0 or more, got -0.1"),
+    ("--vf_coef", "-1", r"--vf_coef must be 0 or more, got -1.0"),
+    ("--cliprange_value", "0", r"--cliprange_value must be positive, got 0"),
     ("--batch_size", "10000", r"Only \d+ training prompts remain after filtering, fewer than one --batch_size \(10000\)"),
 ])
 def test_bad_settings_stop_with_one_paragraph(ppo_assets, tmp_path, setting, value, expected):

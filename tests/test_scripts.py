@@ -134,6 +134,40 @@ def test_the_resume_command_drops_every_form_of_resume_and_overwrite():
         "python dpo_llama2_stackexchange.py --output_dir 'my dir' --resume 'my dir/checkpoint-3'"
 
 
+@pytest.mark.parametrize("module, marker", [(ppo, "counters.json"), (dpo, "trainer_state.json")], ids=["ppo", "dpo"])
+def test_continuing_a_finished_run_deletes_its_eval_json_before_training_starts(module, marker, tmp_path, capsys):
+    """--resume --overwrite_output_dir over a finished run: the checkpoint is resumed and eval.json is gone before
+    the first update, so a continuation interrupted midway never leaves the old evaluation beside a newer model (the
+    end-to-end tests cannot see this: the continued run writes a new eval.json)."""
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / marker).write_text("{}")
+    (out / "eval.json").write_text("{}")
+    args = module.parse_args(["--output_dir", str(out), "--resume", "--overwrite_output_dir"])
+    (out / "settings.json").write_text(json.dumps(vars(args)))
+    assert module.prepare_output_dir(args, marker) == str(out / "checkpoint-2")
+    assert not (out / "eval.json").exists()
+    assert "deleted the finished run's eval.json; continuing from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_every_setting_a_resume_must_match_is_a_setting_of_the_script(script, module):
+    """The resume check compares only names found in the run's settings.json, so a misspelt name in
+    RESUME_MUST_MATCH would silently never be compared."""
+    assert set(module.RESUME_MUST_MATCH) <= set(module.Args.__dataclass_fields__)
+    assert {"seed", "learning_rate", "gradient_accumulation_steps"} <= set(module.RESUME_MUST_MATCH)
+
+
+def test_a_name_that_begins_a_setting_is_suggested_where_none_is_close():
+    """did_you_mean falls back to the names a value begins when difflib finds none close: 'grad' and 'paged'."""
+    stops_with(r"Unknown setting 'grad' \(did you mean gradient_accumulation_steps\?\)", ppo.parse_args,
+               ["--grad", "4"])
+    stops_with(r"--optim 'paged' is not one transformers knows \(did you mean paged_adamw_32bit\?\)", dpo.validate,
+               dpo.parse_args(["--optim", "paged"]))
+    for _, module in SCRIPTS:
+        assert module.did_you_mean("zzzz", ["seed"]) == ""
+
+
 def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_path():
     from huggingface_hub.errors import GatedRepoError
 
