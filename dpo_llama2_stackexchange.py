@@ -620,10 +620,10 @@ def merge_full_model(args: Args, tokenizer):
 # %% Appendix B: this script's settings checks: one paragraph naming the setting, before anything is loaded.
 # Settings that shape training's course: a resumed run must use those its checkpoint's run used (settings.json in
 # the output dir), or it would end where neither run would. The others (tracking, saving, speed) may change.
-RESUME_MUST_MATCH = ("seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
-                     "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "beta", "lora_r",
-                     "lora_alpha", "lora_dropout", "lora_target_modules", "max_prompt_length", "max_length",
-                     "max_train_samples", "group_by_length")
+RESUME_MUST_MATCH = ("model_name_or_path", "load_in_4bit", "dataset_name", "train_data_dir", "seed", "learning_rate",
+                     "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "per_device_train_batch_size",
+                     "gradient_accumulation_steps", "max_steps", "beta", "lora_r", "lora_alpha", "lora_dropout",
+                     "lora_target_modules", "max_prompt_length", "max_length", "max_train_samples", "group_by_length")
 
 
 def validate(args: Args):
@@ -919,16 +919,23 @@ def check_hub_reachable(args, settings: list):
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
-    """The checkpoint to resume from, or None for a fresh start. A finished run (eval.json) or an unfinished one
-    (checkpoints) is never overwritten silently: a fresh start over it needs --overwrite_output_dir."""
+    """The checkpoint to resume from, or None for a fresh start. A finished run (eval.json, or a saved model whose
+    evaluation was cut short) or an unfinished one (checkpoints) is never overwritten silently: a fresh start over
+    it, or more training of a finished one, needs --overwrite_output_dir."""
     directory = args.output_dir
     checkpoints = [f"checkpoint-{step}" for step in checkpoint_steps(directory)]
-    finished = os.path.exists(os.path.join(directory, "eval.json"))
+    evaluated, saved_model = os.path.exists(os.path.join(directory, "eval.json")), saved_model_files(directory)
+    finished = evaluated or bool(saved_model)
+    what_finished = "a finished run (eval.json and the trained model)" if evaluated else \
+        f"a trained model ({saved_model[0]}) whose evaluation was not written" if saved_model else ""
     if finished and args.resume and not args.overwrite_output_dir:  # it would train again over the finished model
-        fail(f"--output_dir {directory!r} holds a finished run (eval.json and the trained model): resuming from one "
-             f"of its checkpoints would train again over it. Nothing was changed. Drop --resume and choose another "
-             f"--output_dir, or add --overwrite_output_dir to continue from that checkpoint and replace the finished "
-             f"model (its eval.json is deleted).")
+        can_continue = bool(checkpoint_steps(directory, checkpoint_marker)) or args.resume != "latest"
+        fail(f"--output_dir {directory!r} holds {what_finished}: resuming from one of its checkpoints would train "
+             f"again over it. Nothing was changed. Drop --resume and choose another --output_dir"
+             + (", or add --overwrite_output_dir to continue from that checkpoint and replace the finished model "
+                "(it and its eval.json are deleted)." if can_continue else
+                "; it kept no checkpoint to continue from (--save_steps), so --overwrite_output_dir without --resume "
+                "is the way to start over there."))
     if args.resume:
         if args.resume == "latest":
             complete = checkpoint_steps(directory, checkpoint_marker)
@@ -943,29 +950,41 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
         if finished:  # and --overwrite_output_dir: asked for, once the checkpoint is known to be sound
             PartialState().wait_for_everyone()
             if PartialState().is_main_process:
-                os.remove(os.path.join(directory, "eval.json"))
-                print(f"--overwrite_output_dir: deleted the finished run's eval.json; continuing from {checkpoint}.")
+                delete_finished_run(directory)
+                print(f"--overwrite_output_dir: deleted the finished run's eval.json and trained model; continuing "
+                      f"from {checkpoint}.")
             PartialState().wait_for_everyone()
         record_settings(args)
         return checkpoint
     if (finished or checkpoints) and not args.overwrite_output_dir:
-        what = "a finished run (eval.json and the trained model)" if finished else \
-            f"checkpoints of an unfinished run ({', '.join(checkpoints[-3:])})"
+        what = what_finished if finished else f"checkpoints of an unfinished run ({', '.join(checkpoints[-3:])})"
         fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
              f"another --output_dir, {'' if finished else 'continue it with --resume, '}or pass "
-             f"--overwrite_output_dir to start over (its eval.json and checkpoints are deleted).")
+             f"--overwrite_output_dir to start over (its eval.json, trained model and checkpoints are deleted).")
     PartialState().wait_for_everyone()  # every process has looked before the main one deletes anything
     if (finished or checkpoints) and PartialState().is_main_process:
         import shutil
 
         for name in checkpoints:
             shutil.rmtree(os.path.join(directory, name))
-        if finished:
-            os.remove(os.path.join(directory, "eval.json"))
-        print(f"--overwrite_output_dir: deleted the earlier run's eval.json and {len(checkpoints)} checkpoint(s).")
+        delete_finished_run(directory)
+        print(f"--overwrite_output_dir: deleted the earlier run's eval.json, trained model and {len(checkpoints)} "
+              f"checkpoint(s).")
     PartialState().wait_for_everyone()
     record_settings(args)
     return None
+
+
+def saved_model_files(directory: str) -> list:
+    """The weight files a finished run saved in `directory` itself (its checkpoints keep their own in subfolders)."""
+    return sorted(name for name in os.listdir(directory) if name.startswith(("model", "pytorch_model", "adapter_model"))
+                  and name.endswith((".safetensors", ".bin", ".safetensors.index.json")))
+
+
+def delete_finished_run(directory: str):
+    """A finished run's eval.json and saved weights: what marks the directory as holding a finished run."""
+    for name in ["eval.json"] * os.path.exists(os.path.join(directory, "eval.json")) + saved_model_files(directory):
+        os.remove(os.path.join(directory, name))
 
 
 def record_settings(args):
@@ -980,9 +999,14 @@ def check_resume_settings(args, checkpoint: str):
     path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "settings.json")
     if not os.path.exists(path):
         return
-    saved = read_json(path)
-    changed = [f"--{name} {saved[name]} -> {getattr(args, name)}" for name in RESUME_MUST_MATCH
-               if name in saved and saved[name] != getattr(args, name)]
+    saved, now = read_json(path), vars(args)
+
+    def comparable(settings: dict, name: str):  # the tiny preset's paths lie in its assets dir, wherever that is
+        value, assets = settings[name], settings.get("tiny_assets_dir")
+        return value.replace(assets, "{tiny}") if isinstance(value, str) and assets else value
+
+    changed = [f"--{name} {saved[name]} -> {now[name]}" for name in RESUME_MUST_MATCH
+               if name in saved and comparable(saved, name) != comparable(now, name)]
     if changed:
         fail(f"--resume {checkpoint!r}: the run that wrote it was trained with other settings ({'; '.join(changed)}), "
              f"and a resumed run ends where that run would only with the same ones. Nothing was loaded. Set them "
@@ -1001,6 +1025,16 @@ def check_checkpoint(checkpoint: str, marker: str):
     broken and what to do. Reads headers and archive directories, not whole tensors."""
     import zipfile
 
+    inside = checkpoint_steps(checkpoint, marker)
+    if inside and not os.path.exists(os.path.join(checkpoint, marker)):
+        fail(f"--resume {checkpoint!r} is a run's output dir, not one of its checkpoints. Nothing was loaded. Use "
+             f"--resume alone with --output_dir {checkpoint!r} (its latest checkpoint), or --resume "
+             f"{os.path.join(checkpoint, f'checkpoint-{inside[-1]}')}.")
+    if not os.path.basename(os.path.normpath(checkpoint)).startswith("checkpoint-"):
+        if not os.path.exists(os.path.join(checkpoint, marker)):
+            fail(f"--resume {checkpoint!r} is not a checkpoint of this script (it holds no {marker}). Nothing was "
+                 f"loaded. Give a checkpoint-N directory this script saved, or --resume alone for the latest one in "
+                 f"--output_dir.")
     broken = None if os.path.exists(os.path.join(checkpoint, marker)) else f"{marker} is missing"
     for root, _, files in os.walk(checkpoint):
         for name in files if broken is None else []:
@@ -1068,7 +1102,8 @@ class StopRequest:
     LEFT = {"setup": "Nothing was trained yet.",
             "training": "This step's checkpoint was not saved; earlier checkpoints are kept.",
             "saving": "The trained model may be partly written; the last checkpoint is kept.",
-            "evaluation": "The trained model is saved in --output_dir; the evaluation (eval.json) was not written.",
+            "evaluation": "The trained model is saved in --output_dir and stays (a new run there needs "
+                          "--overwrite_output_dir); the evaluation (eval.json) was not written.",
             "reporting": "The trained model and eval.json are saved; what came after them may be incomplete."}
     FINISHING = {"training": "finishing the current step, then saving a checkpoint",
                  "saving": "finishing saving the trained model, then stopping"}

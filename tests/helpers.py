@@ -107,3 +107,10 @@ def right_tool_share(generations: list, tasks: dict) -> float:
         task = next(task for task in tasks if f"How do I {task} " in generation["prompt"])
         hits += tasks[task] in generation["answer"]
     return hits / len(generations)
+
+
+def as_if_interrupted_after_its_checkpoints(out):
+    """A finished run's directory made to look like one stopped after its last checkpoint: no eval.json, no saved
+    weights (a saved model alone counts as a finished run whose evaluation was cut short)."""
+    for path in [out / "eval.json", *out.glob("*.safetensors")]:
+        path.unlink(missing_ok=True)

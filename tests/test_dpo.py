@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOTrainer
 
 import dpo_llama2_stackexchange as dpo
-from helpers import (DPO_SCRIPT, accelerate_launch, right_tool_share, run_cli, run_then_signal, run_tiny,
-                     stops_with, tiny_argv)
+from helpers import (DPO_SCRIPT, accelerate_launch, as_if_interrupted_after_its_checkpoints, right_tool_share, run_cli,
+                     run_then_signal, run_tiny, stops_with, tiny_argv)
 
 LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -492,7 +492,7 @@ def test_a_broken_checkpoint_is_named_and_a_crash_while_saving_leaves_none(dpo_a
     out = tmp_path / "run"
     common = ["--max_steps", "4", "--eval_steps", "0", "--num_eval_generations", "0", "--max_eval_samples", "8"]
     run_tiny(dpo, dpo_assets, out, *common, "--save_steps", "2")
-    os.remove(out / "eval.json")  # as if the run had been interrupted after its last checkpoint
+    as_if_interrupted_after_its_checkpoints(out)
     adapter = out / "checkpoint-4" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-100])
     stops_with(r"checkpoint-4' is incomplete or damaged: adapter_model.safetensors cannot be read \(ValueError: "

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import ppo_gpt2_imdb as ppo
-from helpers import (PPO_SCRIPT, REPO, accelerate_launch, child_env, run_cli, run_then_signal, run_tiny,
-                     sentiment_words, stops_with, tiny_argv)
+from helpers import (PPO_SCRIPT, REPO, accelerate_launch, as_if_interrupted_after_its_checkpoints, child_env, run_cli,
+                     run_then_signal, run_tiny, sentiment_words, stops_with, tiny_argv)
 
 
 def tiny_args(assets, tmp_path, *extra):
@@ -769,7 +769,13 @@ def test_a_finished_or_unfinished_run_is_never_overwritten_silently(ppo_assets, 
                r"changed. Drop --resume .* or add --overwrite_output_dir to continue from that checkpoint", run_tiny,
                ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8", "--resume")
     assert fingerprint(out) == before
-    os.remove(out / "eval.json")  # as if the run had been interrupted after its checkpoints
+    os.remove(out / "eval.json")  # as if stopped while evaluating: the trained model is saved, and stays
+    for extra in ([], ["--resume"]):
+        stops_with(r"holds a trained model \(model.safetensors\) whose evaluation was not written.* Nothing was "
+                   r"changed", run_tiny, ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8",
+                   *extra)
+        assert fingerprint(out) == {name: digest for name, digest in before.items() if name != "eval.json"}
+    as_if_interrupted_after_its_checkpoints(out)
     stops_with(r"holds checkpoints of an unfinished run \(checkpoint-2, checkpoint-4\).*--resume", run_tiny, ppo,
                ppo_assets, out, "--total_episodes", "64", "--num_eval_prompts", "8")
     # Resumed with other settings it would end where neither run would; tracking and saving settings may change.
@@ -788,7 +794,7 @@ def test_a_finished_or_unfinished_run_is_never_overwritten_silently(ppo_assets, 
 def test_a_broken_checkpoint_is_named_before_any_model_loads(ppo_assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_tiny(ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8", "--save_steps", "2")
-    os.remove(out / "eval.json")  # as if the run had been interrupted after its last checkpoint
+    as_if_interrupted_after_its_checkpoints(out)
     weights = out / "checkpoint-4" / "pytorch_model.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a crash while copying, say
     monkeypatch.setattr(ppo, "load_policy_tokenizer", lambda args: pytest.fail("a model was loaded"))
@@ -942,6 +948,11 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_saved_model_and_exits_130(
     assert "Traceback" not in output and "checkpoint" not in output.split("Evaluating", 1)[1]
     assert (out / "model.safetensors").exists() and not (out / "eval.json").exists()
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
+    assert "and stays (a new run there needs --overwrite_output_dir)" in output
+    before = fingerprint(out)  # a rerun into it used to train and replace the model without a word
+    stops_with(r"holds a trained model \(model.safetensors\) whose evaluation was not written", run_tiny, ppo,
+               ppo_assets, out, "--total_episodes", "32")
+    assert fingerprint(out) == before
 
 
 # ---------------------------------------------------------------------------------------------- trackers

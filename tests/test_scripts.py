@@ -135,19 +135,62 @@ def test_the_resume_command_drops_every_form_of_resume_and_overwrite():
 
 
 @pytest.mark.parametrize("module, marker", [(ppo, "counters.json"), (dpo, "trainer_state.json")], ids=["ppo", "dpo"])
-def test_continuing_a_finished_run_deletes_its_eval_json_before_training_starts(module, marker, tmp_path, capsys):
-    """--resume --overwrite_output_dir over a finished run: the checkpoint is resumed and eval.json is gone before
-    the first update, so a continuation interrupted midway never leaves the old evaluation beside a newer model (the
-    end-to-end tests cannot see this: the continued run writes a new eval.json)."""
+def test_continuing_a_finished_run_deletes_its_eval_json_and_model_before_training_starts(module, marker, tmp_path,
+                                                                                          capsys):
+    """--resume --overwrite_output_dir over a finished run: the checkpoint is resumed, and eval.json and the saved
+    weights are gone before the first update, so a continuation interrupted midway leaves an unfinished run (that
+    --resume continues), never the old evaluation or model beside newer checkpoints. The end-to-end tests cannot
+    see this: the continued run writes both again."""
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / marker).write_text("{}")
-    (out / "eval.json").write_text("{}")
+    for name in ("eval.json", "model.safetensors", "adapter_model.safetensors", "tokenizer.json"):
+        (out / name).write_text("{}")
     args = module.parse_args(["--output_dir", str(out), "--resume", "--overwrite_output_dir"])
     (out / "settings.json").write_text(json.dumps(vars(args)))
     assert module.prepare_output_dir(args, marker) == str(out / "checkpoint-2")
-    assert not (out / "eval.json").exists()
-    assert "deleted the finished run's eval.json; continuing from" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "settings.json", "tokenizer.json"]
+    assert "deleted the finished run's eval.json and trained model; continuing from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, marker", [(ppo, "counters.json"), (dpo, "trainer_state.json")], ids=["ppo", "dpo"])
+def test_resume_given_a_run_directory_or_a_finished_run_without_checkpoints_says_what_would_work(module, marker,
+                                                                                             tmp_path):
+    """--resume OUTPUT_DIR (not one of its checkpoints) used to be called a damaged checkpoint, with advice to start
+    fresh with --overwrite_output_dir, which deletes the checkpoints; a finished run that kept no checkpoint (the
+    tiny preset's --save_steps 0) was offered a continuation from a checkpoint it does not have."""
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / marker).write_text("{}")
+    message = stops_with(r"--resume '.*run' is a run's output dir, not one of its checkpoints. Nothing was loaded. "
+                         r"Use --resume alone .* or --resume .*run/checkpoint-3\.", module.prepare_output_dir,
+                         module.parse_args(["--output_dir", str(out), "--resume", str(out)]), marker)
+    assert "overwrite_output_dir" not in message
+    stops_with(r"is not a checkpoint of this script \(it holds no " + marker, module.prepare_output_dir,
+               module.parse_args(["--output_dir", str(out), "--resume", str(tmp_path)]), marker)
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "eval.json").write_text("{}")
+    message = stops_with(r"holds a finished run .* it kept no checkpoint to continue from \(--save_steps\), so "
+                         r"--overwrite_output_dir without --resume", module.prepare_output_dir,
+                         module.parse_args(["--output_dir", str(finished), "--resume"]), marker)
+    assert "continue from that checkpoint" not in message
+
+
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_a_tiny_run_copied_elsewhere_resumes_but_not_with_another_model(script, module, tmp_path):
+    """The tiny preset's model and data paths lie in its assets dir (by default inside the output dir): a copied
+    run is the same run. Another model or dataset is not: a resume would train the checkpoint on what it never saw."""
+    out = tmp_path / "copy"
+    (out / "checkpoint-1").mkdir(parents=True)
+    original = module.parse_args(["--preset", "tiny", "--output_dir", str(tmp_path / "original")])
+    (out / "settings.json").write_text(json.dumps(vars(original)))
+    module.check_resume_settings(module.parse_args(["--preset", "tiny", "--output_dir", str(out)]),
+                                 str(out / "checkpoint-1"))
+    stops_with(r"trained with other settings \(--model_name_or_path .* -> elsewhere/model\)",
+               module.check_resume_settings, module.parse_args(
+                   ["--preset", "tiny", "--output_dir", str(out), "--model_name_or_path", "elsewhere/model"]),
+               str(out / "checkpoint-1"))
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
