@@ -1001,6 +1001,8 @@ def parse_args(argv: Optional[list] = None) -> Args:
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
     argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
+    if "--config" in argv[:-1] and yaml_file_is_empty(argv[argv.index("--config") + 1]):
+        del argv[argv.index("--config") : argv.index("--config") + 2]  # every line commented out: no settings
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
@@ -1035,8 +1037,33 @@ def build_parser(defaults: dict) -> TrlParser:
         bool_typed = getattr(action.type, "__name__", "") == "string_to_bool"  # TRL's parser's own copy
         if bool_typed and action.nargs is None:  # an Optional[bool] setting: a bare --X means true, as for a bool
             action.nargs, action.const = "?", True
+    set_config_defaults = parser.set_defaults_with_config  # what TRL's parser does with the YAML file's values
+
+    def set_defaults_as_text(**config):  # argparse converts (and checks) text defaults only: YAML's 2.5 for an int
+        return set_config_defaults(**{name: yaml_value_as_text(name, value) for name, value in config.items()})
+
+    parser.set_defaults_with_config = set_defaults_as_text
     parser.set_defaults(**defaults)
     return parser
+
+
+def yaml_value_as_text(name: str, value):
+    """A YAML value as the command line would give it, so that argparse checks its type as it checks a flag's."""
+    if name == "resume" and isinstance(value, bool):  # resume: true means the latest checkpoint, as a bare --resume
+        return "latest" if value else None
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):  # lora_target_modules: [q_proj, v_proj]
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def yaml_file_is_empty(path: str) -> bool:
+    try:
+        with open(path) as handle:
+            return yaml.safe_load(handle) is None
+    except Exception:  # unreadable or not YAML: the parser says so, in one paragraph
+        return False
 
 
 def parse_with_defaults(argv: list, defaults: dict) -> Args:
@@ -1059,10 +1086,10 @@ def parse_with_defaults(argv: list, defaults: dict) -> Args:
 
 
 def did_you_mean(name: str, known: list) -> str:
-    """The hint ' (did you mean X?)', X the known name closest to `name` (or one that begins with it); else ''."""
+    """The hint ' (did you mean X?)', X the first known name that begins with `name`, else the closest; or ''."""
     import difflib
 
-    close = difflib.get_close_matches(name, known, 1) or [k for k in known if k.startswith(name)]
+    close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
@@ -1144,7 +1171,12 @@ def load_checked_tokenizer(name: str, setting: str, **kwargs):
 
 
 def validate_common(args):
-    """Settings every run needs right: tracker, device, resume, output dir."""
+    """Settings every run needs right: numbers, tracker, device, resume, output dir."""
+    import math
+
+    for name, value in vars(args).items():  # nan passes every comparison a range check makes
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name} must be a finite number, got {value}.")
     if args.report_to not in ("wandb", "tensorboard", "none"):
         fail(f"--report_to must be wandb, tensorboard or none, got {args.report_to!r}.")
     import importlib.util
@@ -1166,7 +1198,8 @@ def validate_common(args):
             pass
         os.remove(probe)
     except OSError as err:
-        fail(f"--output_dir {args.output_dir!r} is not writable ({err.strerror}). Choose a directory you can write to.")
+        problem = "is a file, not a directory" if os.path.isfile(args.output_dir) else f"is not writable ({err.strerror})"
+        fail(f"--output_dir {args.output_dir!r} {problem}. Choose a directory you can write to.")
 
 
 def check_hub_reachable(args, settings: list):

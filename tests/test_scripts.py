@@ -98,6 +98,42 @@ def test_values_argparse_refuses_stop_with_one_paragraph_and_abbreviations_are_u
         assert message.strip().count("\n\n") == 0 and "usage:" not in message
 
 
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_yaml_values_are_checked_as_flags_are_and_read_as_a_user_would_write_them(script, module, tmp_path):
+    """TRL's parser puts YAML values in as defaults, which argparse does not check: `num_ppo_epochs: 2.5` used to
+    reach torch.zeros, `seed: 1.5` numpy, both as tracebacks. Now each is checked as its flag would be. A list for
+    a comma-separated setting, `resume: true` and a file with every line commented out read as a user means them."""
+    def parse(text: str, *argv: str):
+        config = tmp_path / "run.yaml"
+        config.write_text(text)
+        return module.parse_args(["--config", str(config), "--output_dir", str(tmp_path), *argv])
+
+    stops_with(r"^error: argument --seed: invalid int value: '1.5'", parse, "seed: 1.5\n")
+    stops_with(r"^error: argument --max_steps/--max-steps: invalid int value: '32.0'" if module is dpo else
+               r"^error: argument --batch_size/--batch-size: invalid int value: '32.0'", parse,
+               "max_steps: 32.0\n" if module is dpo else "batch_size: 32.0\n")
+    args = parse("seed: 7\nlearning_rate: 2\nreport_to: none\nresume: true\n")
+    assert (args.seed, args.learning_rate, args.report_to, args.resume) == (7, 2.0, "none", "latest")
+    assert isinstance(args.learning_rate, float) and parse("seed: 7\n", "--seed", "8").seed == 8  # the flag wins
+    assert parse("# seed: 7\n\n").seed == module.Args().seed
+    if module is dpo:
+        assert parse("lora_target_modules: [q_proj, v_proj]\n").lora_target_modules == "q_proj,v_proj"
+
+
+def test_numbers_must_be_finite_and_a_name_that_begins_a_known_one_is_suggested_first(tmp_path):
+    """nan passes every comparison a range check makes (--kl_coef nan trained on nan losses until generate
+    failed); inf passed 'positive'. difflib alone suggested grokadamw for --optim adamw."""
+    for module, setting in ((ppo, "--kl_coef"), (ppo, "--learning_rate"), (dpo, "--weight_decay")):
+        for value in ("nan", "inf"):
+            stops_with(rf"--{setting[2:]} must be (a finite number|positive), got {value}", module.validate,
+                       module.parse_args([setting, value, "--output_dir", str(tmp_path)]))
+    stops_with(r"--optim 'adamw' is not one transformers knows \(did you mean adamw_torch\?\)", dpo.validate,
+               dpo.parse_args(["--optim", "adamw", "--output_dir", str(tmp_path)]))
+    (tmp_path / "a_file").write_text("")
+    stops_with(r"--output_dir '.*a_file' is a file, not a directory", ppo.validate,
+               ppo.parse_args(["--output_dir", str(tmp_path / "a_file")]))
+
+
 def test_an_optional_boolean_setting_given_bare_means_true():
     """DPO's --use_liger_kernel (None: decide from the machine) takes a bare flag, as every other boolean does."""
     for argv, expected in ((["--use_liger_kernel"], True), (["--use_liger_kernel", "--seed", "3"], True),
