@@ -331,7 +331,7 @@ def main(args: Args) -> dict:
             base_result, base_logratios = evaluate(trainer.model, tokenizer, eval_pairs, args)
         trained_result, _ = evaluate(trainer.model, tokenizer, eval_pairs, args, base_logratios)
 
-        # 6. Report: eval.json, the table, the tracker's summary; then the merged model if asked for
+        # 6. Report: eval.json, the table, the tracker's summary; then the upload and the merged model if asked for
         train_log = [{key: entry[key] for key in ("step", "loss", "grad_norm", "num_tokens", "pad_fraction")
                       if key in entry}
                      for entry in trainer.state.log_history if "loss" in entry]
@@ -348,6 +348,8 @@ def main(args: Args) -> dict:
             stop.enter("reporting")
             report(base_result, trained_result, wandb_run_if_open(args))
             print(f"Saved the LoRA adapter, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
+            if args.push_to_hub:
+                push_to_hub(trainer.model, tokenizer, args)
             if args.merge_full_model:
                 del trainer, model  # free the 4-bit base before loading an unquantised one
                 gc.collect()
@@ -600,10 +602,6 @@ def save_outputs(trainer, tokenizer, args: Args):
     trainer.save_model(args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
-        if args.push_to_hub:
-            repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-            trainer.model.push_to_hub(repo)
-            tokenizer.push_to_hub(repo)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -927,7 +925,17 @@ def check_hub_reachable(args, settings: list):
     from urllib.parse import urlparse
 
     names = [getattr(args, setting) for setting in settings if getattr(args, setting)]
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or all(map(looks_local, names)):
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    upload_later = "or drop --push_to_hub and upload the saved model after the run (`hf upload REPO OUTPUT_DIR`)"
+    if args.push_to_hub:  # found out before training, not after it
+        from huggingface_hub import get_token
+
+        if offline:
+            fail(f"--push_to_hub needs the Hugging Face Hub, and HF_HUB_OFFLINE is set. Unset it, {upload_later}.")
+        if get_token() is None:
+            fail(f"--push_to_hub needs a Hugging Face token on this machine, and there is none: log in (`hf auth "
+                 f"login`) or set HF_TOKEN, {upload_later}.")
+    if offline or (all(map(looks_local, names)) and not args.push_to_hub):
         return
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     reached = []
@@ -942,6 +950,9 @@ def check_hub_reachable(args, settings: list):
     probe = threading.Thread(target=connect, daemon=True)
     probe.start()
     probe.join(timeout=5)
+    if not reached and args.push_to_hub:
+        fail(f"--push_to_hub needs the Hugging Face Hub, and {host} cannot be reached from this machine. Connect, "
+             f"{upload_later}.")
     if not reached:
         import datasets.config
         import huggingface_hub.constants
@@ -949,6 +960,21 @@ def check_hub_reachable(args, settings: list):
         os.environ["HF_HUB_OFFLINE"] = "1"
         huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
         PartialState().print(f"The Hugging Face Hub ({host}) cannot be reached: loading from the local cache only.")
+
+
+def push_to_hub(model, tokenizer, args):
+    """Upload the trained model and tokenizer, once eval.json is written: a push that fails (no connection, no
+    rights to the repo) loses nothing, and says how to upload the saved files later."""
+    repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    try:
+        model.push_to_hub(repo)
+        tokenizer.push_to_hub(repo)
+        print(f"Pushed the trained model and tokenizer to the hub: {repo}")
+    except Exception as err:  # any failure: what was trained is on disk either way
+        first_line = " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else ""
+        fail(f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {first_line}). Nothing is lost: the "
+             f"trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub is reachable "
+             f"and you are logged in: `hf upload {repo} {args.output_dir} --exclude 'checkpoint-*/*'`.")
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:

@@ -332,7 +332,7 @@ def main(args: Args) -> dict:
         reference_result = evaluate(ref_policy, ref_policy, reward, tokenizer, eval_prompts, args)
         trained_result = evaluate(trained_policy, ref_policy, reward, tokenizer, eval_prompts, args)
 
-        # 6. Report: eval.json, the table, the tracker's summary
+        # 6. Report: eval.json, the table, the tracker's summary; then the upload to the hub if asked for
         updates_run = trainer.total_updates - trainer.updates_done
         result = {"reference": reference_result, "trained": trained_result, "args": asdict(args),
                   "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
@@ -348,6 +348,8 @@ def main(args: Args) -> dict:
             stop.enter("reporting")
             report(reference_result, trained_result, wandb_run_if_open(args))
             print(f"Saved the policy, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
+            if args.push_to_hub:
+                push_to_hub(trained_policy, tokenizer, args)
     return result
 
 
@@ -749,10 +751,6 @@ def save_outputs(trainer, tokenizer, args: Args):
         tokenizer.save_pretrained(args.output_dir)
         if args.save_value_model:
             unwrapped.value_model.save_pretrained(os.path.join(args.output_dir, "value_model"))
-        if args.push_to_hub:
-            repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-            unwrapped.policy.push_to_hub(repo)
-            tokenizer.push_to_hub(repo)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -1210,7 +1208,17 @@ def check_hub_reachable(args, settings: list):
     from urllib.parse import urlparse
 
     names = [getattr(args, setting) for setting in settings if getattr(args, setting)]
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or all(map(looks_local, names)):
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    upload_later = "or drop --push_to_hub and upload the saved model after the run (`hf upload REPO OUTPUT_DIR`)"
+    if args.push_to_hub:  # found out before training, not after it
+        from huggingface_hub import get_token
+
+        if offline:
+            fail(f"--push_to_hub needs the Hugging Face Hub, and HF_HUB_OFFLINE is set. Unset it, {upload_later}.")
+        if get_token() is None:
+            fail(f"--push_to_hub needs a Hugging Face token on this machine, and there is none: log in (`hf auth "
+                 f"login`) or set HF_TOKEN, {upload_later}.")
+    if offline or (all(map(looks_local, names)) and not args.push_to_hub):
         return
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     reached = []
@@ -1225,6 +1233,9 @@ def check_hub_reachable(args, settings: list):
     probe = threading.Thread(target=connect, daemon=True)
     probe.start()
     probe.join(timeout=5)
+    if not reached and args.push_to_hub:
+        fail(f"--push_to_hub needs the Hugging Face Hub, and {host} cannot be reached from this machine. Connect, "
+             f"{upload_later}.")
     if not reached:
         import datasets.config
         import huggingface_hub.constants
@@ -1232,6 +1243,21 @@ def check_hub_reachable(args, settings: list):
         os.environ["HF_HUB_OFFLINE"] = "1"
         huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
         PartialState().print(f"The Hugging Face Hub ({host}) cannot be reached: loading from the local cache only.")
+
+
+def push_to_hub(model, tokenizer, args):
+    """Upload the trained model and tokenizer, once eval.json is written: a push that fails (no connection, no
+    rights to the repo) loses nothing, and says how to upload the saved files later."""
+    repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    try:
+        model.push_to_hub(repo)
+        tokenizer.push_to_hub(repo)
+        print(f"Pushed the trained model and tokenizer to the hub: {repo}")
+    except Exception as err:  # any failure: what was trained is on disk either way
+        first_line = " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else ""
+        fail(f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {first_line}). Nothing is lost: the "
+             f"trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub is reachable "
+             f"and you are logged in: `hf upload {repo} {args.output_dir} --exclude 'checkpoint-*/*'`.")
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:

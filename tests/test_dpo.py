@@ -296,21 +296,17 @@ def test_more_bad_settings_stop_before_training(dpo_assets, tmp_path, monkeypatc
                dpo_assets, tmp_path)
 
 
-def test_only_the_main_process_pushes_to_the_hub(tmp_path):
-    """The adapter and tokenizer are pushed once, by the main process (every process used to push)."""
-    from types import SimpleNamespace
-
+def test_the_adapter_is_pushed_once_after_eval_json_is_written(dpo_assets, tmp_path, monkeypatch):
+    """The push used to come before the evaluation, so a push that failed (no connection) ended the run with a
+    traceback and no eval.json. Now the trained adapter (not a merged or base model) goes up after eval.json."""
+    out = tmp_path / "run"
     pushed = []
-    for main_process in (True, False):
-        model = SimpleNamespace(push_to_hub=lambda repo: pushed.append(("model", repo)))
-        trainer = SimpleNamespace(model=model, save_model=lambda directory: None,
-                                  accelerator=SimpleNamespace(is_main_process=main_process,
-                                                              wait_for_everyone=lambda: None))
-        tokenizer = SimpleNamespace(save_pretrained=lambda directory: None,
-                                    push_to_hub=lambda repo: pushed.append(("tokenizer", repo)))
-        dpo.save_outputs(trainer, tokenizer, dpo.parse_args(["--output_dir", str(tmp_path / "run"),
-                                                             "--push_to_hub", "true"]))
-    assert pushed == [("model", "run"), ("tokenizer", "run")]
+    monkeypatch.setattr(dpo, "check_hub_reachable", lambda args, settings: None)  # the hub is out of reach here
+    monkeypatch.setattr(dpo, "push_to_hub", lambda model, tokenizer, args: pushed.append(
+        (os.path.exists(out / "eval.json"), type(model).__name__, args.hub_model_id)))
+    run_tiny(dpo, dpo_assets, out, "--max_steps", "2", "--eval_steps", "0", "--num_eval_generations", "0",
+             "--max_eval_samples", "8", "--push_to_hub", "--hub_model_id", "me/tiny-dpo")
+    assert pushed == [(True, "PeftModelForCausalLM", "me/tiny-dpo")]
 
 
 def test_the_merged_model_is_bf16_only_where_the_gpu_has_bf16(tmp_path, monkeypatch):

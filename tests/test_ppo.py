@@ -938,6 +938,18 @@ def test_a_second_ctrl_c_stops_at_once_with_exit_130_and_no_traceback(ppo_assets
 
 
 @pytest.mark.slow
+def test_the_policy_is_pushed_once_after_eval_json_is_written(ppo_assets, tmp_path, monkeypatch):
+    """The push used to come right after saving, before the evaluation: a push that failed (no connection) ended the
+    run with a traceback and no eval.json. Now the trained policy goes up after eval.json is written."""
+    out = tmp_path / "run"
+    pushed = []
+    monkeypatch.setattr(ppo, "check_hub_reachable", lambda args, settings: None)  # the hub is out of reach here
+    monkeypatch.setattr(ppo, "push_to_hub", lambda model, tokenizer, args: pushed.append(
+        (os.path.exists(out / "eval.json"), type(model).__name__, args.hub_model_id)))
+    run_tiny(ppo, ppo_assets, out, "--total_episodes", "32", "--num_eval_prompts", "8", "--push_to_hub")
+    assert pushed == [(True, "GPT2LMHeadModel", None)]
+
+
 def test_ctrl_c_during_the_final_evaluation_keeps_the_saved_model_and_exits_130(ppo_assets, tmp_path):
     out = tmp_path / "run"
     code, output, _ = run_then_signal(PPO_SCRIPT, tiny_argv(ppo_assets, out, "--total_episodes", "64",

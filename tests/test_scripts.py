@@ -247,6 +247,38 @@ def test_a_name_that_begins_a_setting_is_suggested_where_none_is_close():
         assert module.did_you_mean("zzzz", ["seed"]) == ""
 
 
+@pytest.mark.parametrize("script, module", SCRIPTS)
+def test_push_to_hub_is_refused_before_training_where_it_cannot_work_and_a_failed_one_says_how_to_upload(
+        script, module, tmp_path, monkeypatch, capsys):
+    """Before any model loads: an offline hub, no token, an unreachable host. After training, a push that fails
+    anyway (the connection drops) is one paragraph that says the files are saved and how to upload them."""
+    import huggingface_hub
+    from types import SimpleNamespace
+
+    args = module.parse_args(["--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "me/model"])
+    stops_with(r"--push_to_hub needs the Hugging Face Hub, and HF_HUB_OFFLINE is set", module.check_hub_reachable,
+               args, ["model_name_or_path"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    stops_with(r"needs a Hugging Face token on this machine, and there is none: log in", module.check_hub_reachable,
+               args, ["model_name_or_path"])
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: refused at once
+    stops_with(r"--push_to_hub needs the Hugging Face Hub, and 127.0.0.1 cannot be reached", module.check_hub_reachable,
+               args, ["model_name_or_path"])
+
+    def drop(repo):
+        raise ConnectionError("Name or service not known")
+
+    pushed = []
+    model = SimpleNamespace(push_to_hub=lambda repo: pushed.append(repo))
+    module.push_to_hub(model, SimpleNamespace(push_to_hub=lambda repo: pushed.append(repo)), args)
+    assert pushed == ["me/model", "me/model"] and "Pushed the trained model and tokenizer" in capsys.readouterr().out
+    stops_with(r"--push_to_hub: uploading to 'me/model' failed \(ConnectionError: Name or service not known\). "
+               r"Nothing is lost: the trained model and eval.json are saved in .*`hf upload me/model .*run",
+               module.push_to_hub, SimpleNamespace(push_to_hub=drop), None, args)
+
+
 def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_path():
     from huggingface_hub.errors import GatedRepoError
 
