@@ -200,6 +200,10 @@ def load_pairs(args: Args, tokenizer, data_dir: str, cap: Optional[int], setting
         f"answer, {counts['empty']} with an empty answer, {counts['identical']} with identical answers, "
         f"{usable - len(dataset)} over --max_prompt_length {args.max_prompt_length} or --max_length "
         f"{args.max_length} tokens")
+    if len(dataset) == 0 and usable == 0:
+        fail(f"No pair in '{args.dataset_name}' ({data_dir}) can teach a preference: of {read} read, "
+             f"{counts['missing']} miss a question or answer, {counts['empty']} have an empty answer and "
+             f"{counts['identical']} identical answers. Check the data's columns ({', '.join(REQUIRED_COLUMNS)}).")
     if len(dataset) == 0:
         fail(f"No usable pair in '{args.dataset_name}' ({data_dir}) fits --max_prompt_length {args.max_prompt_length} "
              f"and --max_length {args.max_length} tokens. Raise those limits, or read more pairs.")
@@ -642,6 +646,9 @@ def validate(args: Args):
             fail(f"--{name} must be 0 or more, got {value}.")
     if not 0 <= args.lora_dropout < 1:
         fail(f"--lora_dropout must be at least 0 and below 1, got {args.lora_dropout}.")
+    if not any(name.strip() for name in args.lora_target_modules.split(",")):
+        fail(f"--lora_target_modules names no module (got {args.lora_target_modules!r}): give the comma-separated "
+             f"names of the linear layers LoRA adapts, such as {Args.lora_target_modules}.")
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
@@ -818,7 +825,8 @@ def offline_hint() -> str:
 
 
 def looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    """A path, not a hub id (a hub id is NAME or OWNER/NAME)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
 def is_gated(err: BaseException) -> bool:
@@ -842,15 +850,25 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
     if is_gated(err):
         return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
                 f"license on its hub page with your account, then give this machine your token "
-                f"(`huggingface-cli login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
+                f"(`hf auth login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
                 f"directory. {offline_hint()}")
     offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
     if any(marker in text.lower() for marker in offline_markers):
         return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
                 f"local cache. Connect to the internet, or download it elsewhere and set --{setting} to its local "
                 f"directory. {offline_hint()}")
-    first_line = " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else type(err).__name__
-    return f"Could not load '{name}' ({settings}): {first_line.rstrip('.')}. Check {settings}. {offline_hint()}"
+    return f"Could not load '{name}' ({settings}): {error_summary(err)}. Check {settings}. {offline_hint()}"
+
+
+def error_summary(err: BaseException) -> str:
+    """The first line of an error and of the error it was raised from: a broken file's own message (a JSON parse
+    error, a truncated header) is often only in the cause."""
+    def first_line(error: BaseException) -> str:
+        text = " ".join(str(error).strip().splitlines()[0].split()).rstrip(".") if str(error).strip() else ""
+        return text or f"{type(error).__name__} (nothing was read: an empty file?)"
+
+    cause = err.__cause__
+    return first_line(err) + (f" ({type(cause).__name__}: {first_line(cause)})" if cause is not None else "")
 
 
 def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
@@ -859,7 +877,7 @@ def load_or_explain(load, name: str, setting: str, related: Optional[str] = None
         fail(f"--{setting}={name!r} looks like a local path, but nothing exists there. {offline_hint()}")
     try:
         return load(os.path.expanduser(name) if looks_local(name) else name)
-    except (OSError, ValueError) as err:  # hub, cache and file errors are OSError subclasses in HF libraries
+    except Exception as err:  # hub and cache errors, and files that are empty, truncated or not what they claim
         fail(explain_load_error(err, name, setting, related))
 
 

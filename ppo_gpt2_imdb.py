@@ -168,6 +168,10 @@ def load_reviews(args: Args, split: str, setting: str):
     dataset = dataset.filter(lambda review: len(review) > args.min_review_chars, input_columns="review")
     PartialState().print(f"{split}: kept {len(dataset)} of {read} reviews; dropped {no_text} with no text and "
                          f"{read - no_text - len(dataset)} of --min_review_chars {args.min_review_chars} or fewer")
+    if no_text == read:
+        fail(f"No row of the '{split}' split of '{args.dataset_name}' has text in its '{args.text_column}' column "
+             f"(--text_column). Set --text_column to the column holding the review text (the split has: "
+             f"{', '.join(name if name != 'review' else args.text_column for name in dataset.column_names)}).")
     if len(dataset) == 0:
         fail(f"No review in the '{split}' split of '{args.dataset_name}' is longer than --min_review_chars "
              f"({args.min_review_chars}). Lower --min_review_chars or use another dataset.")
@@ -193,6 +197,10 @@ def load_prompts(args: Args, tokenizer):
     eval_reviews = load_reviews(args, args.dataset_eval_split, "dataset_eval_split")
     seen = set(train_reviews["review"])
     eval_reviews = eval_reviews.filter(lambda review: review not in seen, input_columns="review")
+    if len(eval_reviews) == 0:
+        fail(f"No held-out review is left: every review of the '{args.dataset_eval_split}' split "
+             f"(--dataset_eval_split) is also in the '{args.dataset_train_split}' split the policy trains on. Set "
+             f"--dataset_eval_split to a split of other reviews (IMDB: test).")
     eval_reviews = eval_reviews.shuffle(seed=args.seed).select(range(min(args.num_eval_prompts, len(eval_reviews))))
     train_prompts = make_prompts(train_reviews, tokenizer, args, seed=args.seed)
     eval_prompts = make_prompts(eval_reviews, tokenizer, args, seed=args.seed + 1)
@@ -217,8 +225,16 @@ def load_policy_models(args: Args, tokenizer):
     """Policy, a frozen reference copy of it, and a GPT-2 value model (same backbone + scalar head)."""
     policy = load_or_explain(AutoModelForCausalLM.from_pretrained, args.model_name_or_path, "model_name_or_path")
     value_name = args.value_model_name_or_path or args.model_name_or_path
-    value_model = load_or_explain(lambda name: AutoModelForSequenceClassification.from_pretrained(name, num_labels=1),
-                                  value_name, "value_model_name_or_path")
+    value_config = load_or_explain(AutoConfig.from_pretrained, value_name, "value_model_name_or_path")
+    if getattr(value_config.get_text_config(), "vocab_size", None) != policy.config.get_text_config().vocab_size:
+        fail(f"The value model '{value_name}' (--value_model_name_or_path) has a vocabulary of "
+             f"{getattr(value_config.get_text_config(), 'vocab_size', None)} tokens, the policy "
+             f"{policy.config.get_text_config().vocab_size}: it reads the policy's token ids, so it must share the "
+             f"policy's tokenizer. Leave --value_model_name_or_path unset (the policy's own backbone) or give a model "
+             f"of the policy's family.")
+    # The scalar value head is new either way: a checkpoint's own classifier head (other labels) is not loaded.
+    value_model = load_or_explain(lambda name: AutoModelForSequenceClassification.from_pretrained(
+        name, num_labels=1, ignore_mismatched_sizes=True), value_name, "value_model_name_or_path")
     for model in (policy, value_model):
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))  # room for the added [PAD]
@@ -1101,7 +1117,8 @@ def offline_hint() -> str:
 
 
 def looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    """A path, not a hub id (a hub id is NAME or OWNER/NAME)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
 def is_gated(err: BaseException) -> bool:
@@ -1125,15 +1142,25 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
     if is_gated(err):
         return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
                 f"license on its hub page with your account, then give this machine your token "
-                f"(`huggingface-cli login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
+                f"(`hf auth login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
                 f"directory. {offline_hint()}")
     offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
     if any(marker in text.lower() for marker in offline_markers):
         return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
                 f"local cache. Connect to the internet, or download it elsewhere and set --{setting} to its local "
                 f"directory. {offline_hint()}")
-    first_line = " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else type(err).__name__
-    return f"Could not load '{name}' ({settings}): {first_line.rstrip('.')}. Check {settings}. {offline_hint()}"
+    return f"Could not load '{name}' ({settings}): {error_summary(err)}. Check {settings}. {offline_hint()}"
+
+
+def error_summary(err: BaseException) -> str:
+    """The first line of an error and of the error it was raised from: a broken file's own message (a JSON parse
+    error, a truncated header) is often only in the cause."""
+    def first_line(error: BaseException) -> str:
+        text = " ".join(str(error).strip().splitlines()[0].split()).rstrip(".") if str(error).strip() else ""
+        return text or f"{type(error).__name__} (nothing was read: an empty file?)"
+
+    cause = err.__cause__
+    return first_line(err) + (f" ({type(cause).__name__}: {first_line(cause)})" if cause is not None else "")
 
 
 def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
@@ -1142,7 +1169,7 @@ def load_or_explain(load, name: str, setting: str, related: Optional[str] = None
         fail(f"--{setting}={name!r} looks like a local path, but nothing exists there. {offline_hint()}")
     try:
         return load(os.path.expanduser(name) if looks_local(name) else name)
-    except (OSError, ValueError) as err:  # hub, cache and file errors are OSError subclasses in HF libraries
+    except Exception as err:  # hub and cache errors, and files that are empty, truncated or not what they claim
         fail(explain_load_error(err, name, setting, related))
 
 

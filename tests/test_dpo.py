@@ -126,6 +126,16 @@ def test_missing_columns_empty_datasets_and_missing_data_dirs_are_explained(dpo_
     args = tiny_args(dpo_assets, tmp_path, "--max_prompt_length", "3")
     stops_with(r"No usable pair .* fits --max_prompt_length 3", dpo.load_pairs, args, tokenizer, "data/rl", None,
                "train_data_dir")
+    directory = write_pairs(tmp_path / "same", [{"question": "q", "response_j": "Use a set.",
+                                                 "response_k": "Use a set."}] * 3)
+    stops_with(r"No pair in .* can teach a preference: of 3 read, 0 miss a question or answer, 0 have an empty answer "
+               r"and 3 identical answers", dpo.load_pairs, tiny_args(dpo_assets, tmp_path, "--dataset_name", directory),
+               tokenizer, "data/rl", None, "train_data_dir")
+    write_pairs(tmp_path / "empty", [])
+    stops_with(r"Could not load .*empty' \(--dataset_name and --train_data_dir\): StopIteration \(nothing was read: "
+               r"an empty file\?\)", dpo.load_pairs, tiny_args(dpo_assets, tmp_path, "--dataset_name",
+                                                           str(tmp_path / "empty")), tokenizer, "data/rl", None,
+               "train_data_dir")
     args = tiny_args(dpo_assets, tmp_path, "--eval_data_dir", "data/validation")
     stops_with(r"data/validation doesn't contain any data files.*Check --dataset_name and --eval_data_dir",
                dpo.load_pairs, args, tokenizer, args.eval_data_dir, 64, "eval_data_dir")
@@ -269,6 +279,8 @@ def test_a_model_directory_without_tokenizer_files_is_explained_in_a_sentence(dp
     (["--max_train_samples", "0"], r"--max_train_samples must be positive, got 0"),
     (["--lora_dropout", "1.5"], r"--lora_dropout must be at least 0 and below 1, got 1.5"),
     (["--lora_dropout", "1"], r"--lora_dropout must be at least 0 and below 1, got 1.0"),
+    (["--lora_target_modules", ", "], r"--lora_target_modules names no module \(got ', '\): give the comma-separated "
+                                      r"names of the linear layers LoRA adapts, such as q_proj,"),
     (["--lora_alpha", "0"], r"--lora_alpha must be positive, got 0"),
     (["--weight_decay", "-0.1"], r"--weight_decay must be 0 or more, got -0.1"),
     (["--warmup_steps", "-1"], r"--warmup_steps must be 0 or more, got -1"),

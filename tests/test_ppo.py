@@ -92,6 +92,41 @@ def test_missing_text_column_empty_dataset_and_missing_split_are_explained(ppo_a
     args = tiny_args(ppo_assets, tmp_path, "--dataset_eval_split", "validation")
     stops_with(r"Unknown split \"validation\".*Check --dataset_name and --dataset_eval_split", ppo.load_prompts,
                args, ppo.load_policy_tokenizer(args))
+    args = tiny_args(ppo_assets, tmp_path, "--text_column", "label")  # a column, but not of text: all dropped
+    stops_with(r"No row of the 'train' split .* has text in its 'label' column \(--text_column\). Set --text_column "
+               r"to the column holding the review text \(the split has: text, label\)", ppo.load_prompts, args,
+               ppo.load_policy_tokenizer(args))
+    args = tiny_args(ppo_assets, tmp_path, "--dataset_eval_split", "train")  # used to crash in select_columns
+    stops_with(r"No held-out review is left: every review of the 'train' split \(--dataset_eval_split\) is also in "
+               r"the 'train' split", ppo.load_prompts, args, ppo.load_policy_tokenizer(args))
+
+
+def test_broken_local_files_and_mistyped_paths_are_named_in_a_paragraph(ppo_assets, tmp_path):
+    """Each used to end in a library's traceback: StopIteration (an empty JSONL file), DatasetGenerationError (a
+    malformed one, its parse error only in the cause), SafetensorError (a truncated model), a RuntimeError whose
+    details were in a suppressed log (a classifier as the value model). A mistyped relative path got the hub's
+    repo-id rules."""
+    write_reviews(tmp_path / "empty", [])
+    write_reviews(tmp_path / "empty", [], split="test")
+    malformed = tmp_path / "malformed"
+    malformed.mkdir()
+    (malformed / "train.jsonl").write_text('{"text": "a"\n{oops\n')
+    truncated = tmp_path / "gpt2"
+    shutil.copytree(os.path.join(ppo_assets, "gpt2"), truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:5000])
+    for setting, value, expected in (
+            ("--dataset_name", tmp_path / "empty", r"Could not load '.*empty' \(--dataset_name and "
+                                                   r"--dataset_train_split\): StopIteration \(nothing was read: an "
+                                                   r"empty file\?\)"),
+            ("--dataset_name", malformed, r"generating the dataset \(ArrowInvalid: JSON parse error"),
+            ("--model_name_or_path", truncated, r"Could not load '.*gpt2' \(--model_name_or_path\): .*"
+                                                r"Check --model_name_or_path"),
+            ("--value_model_name_or_path", os.path.join(ppo_assets, "distilbert"),
+             r"The value model .* has a vocabulary of \d+ tokens, the policy \d+: it reads the policy's token ids"),
+            ("--model_name_or_path", "outputs/tiny/tiny_assets/gpt", r"'outputs/tiny/tiny_assets/gpt' looks like a "
+                                                                     r"local path, but nothing exists there")):
+        message = stops_with(expected, run_tiny, ppo, ppo_assets, tmp_path / "out", setting, str(value))
+        assert message.strip().count("\n\n") == 0 and "Traceback" not in message
 
 
 # ---------------------------------------------------------------------------------------------- models

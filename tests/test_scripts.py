@@ -285,7 +285,7 @@ def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_pat
     error = GatedRepoError.__new__(GatedRepoError)  # as the hub client raises it (its response left out)
     Exception.__init__(error, "Access to model meta-llama/Llama-2-7b-hf is restricted.")
     gated = ppo.explain_load_error(error, "meta-llama/Llama-2-7b-hf", "model_name_or_path")
-    assert "gated" in gated and "license" in gated and "HF_TOKEN" in gated and "huggingface-cli login" in gated
+    assert "gated" in gated and "license" in gated and "HF_TOKEN" in gated and "hf auth login" in gated
     http = ppo.explain_load_error(OSError("401 Client Error: Unauthorized for url"), "x/y", "model_name_or_path")
     assert "gated" in http
     local = ppo.explain_load_error(OSError("Error no file named model.safetensors found in directory "
