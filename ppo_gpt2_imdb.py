@@ -630,6 +630,9 @@ class SentimentPPOTrainer(PPOTrainer):
                 logs["time/rollout_seconds"] = round(self.phase_seconds["rollout"][-1], 4)
                 logs["time/optimisation_seconds"] = round(self.phase_seconds["optimisation"][-1], 4)
             self.phase_started = {}
+            if self.checkpoints.resumed and self.state.episode:  # TRL divides every episode, those of the run
+                done = self.checkpoints.resumed["episode"]  # resumed too, by this run's time: 5x too high at first
+                logs["eps"] = int(logs.get("eps", 0) * (self.state.episode - done) / self.state.episode)
             update = self.state.global_step
             if update % self.args.logging_steps and update != self.total_updates:
                 return  # TRL logs every update, whatever logging_steps says; the last update is always logged

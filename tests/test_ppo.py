@@ -856,10 +856,17 @@ def test_a_crash_while_saving_a_checkpoint_leaves_none_that_looks_complete(ppo_a
 
 
 # ---------------------------------------------------------------------------------------------- resume, interrupts
-def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(ppo_assets, tmp_path):
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(ppo_assets, tmp_path, monkeypatch):
     """TRL 1.12's PPO trainer cannot resume; the script checkpoints policy, value model, optimizer, schedule, RNG,
-    counters and data position. Tolerance: equal within 1e-6 (measured: bit-identical on CPU)."""
+    counters and data position. Tolerance: equal within 1e-6 (measured: bit-identical on CPU). Its episodes per
+    second count this run's episodes only (TRL's counted the resumed run's too: 2x too high at update 8 here)."""
     from safetensors.torch import load_file
+
+    trl_eps, logged = [None], []  # TRL's figure of the call in progress; (TRL's, the logs the script forwarded)
+    script_log = ppo.SentimentPPOTrainer.log
+    monkeypatch.setattr(ppo.PPOTrainer, "log", lambda self, logs, *a, **k: logged.append((trl_eps[0], dict(logs))))
+    monkeypatch.setattr(ppo.SentimentPPOTrainer, "log", lambda self, logs, *a, **k: (
+        trl_eps.__setitem__(0, logs.get("eps")), script_log(self, logs, *a, **k)))
 
     common = ["--total_episodes", "256", "--save_steps", "4", "--num_eval_prompts", "8",
               "--sample_every", "3"]  # sample tables on: they must not shift the RNG
@@ -868,8 +875,12 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(pp
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     crashed = tmp_path / "crashed"  # as if the machine died right after the checkpoint of update 4
     shutil.copytree(straight / "checkpoint-4", crashed / "checkpoint-4")
+    logged.clear()
     result = run_tiny(ppo, ppo_assets, crashed, *common, "--resume")
     assert result["updates"] == 8 and result["updates_this_run"] == 4
+    trl, logs = next((trl, logs) for trl, logs in logged if "eps" in logs)
+    episode = logs["episode"]  # 128 of them done by the run resumed, at checkpoint-4
+    assert episode > 128 and 0 < logs["eps"] <= trl * (episode - 128) / episode + 1
     assert json.loads((crashed / "checkpoint-8" / "counters.json").read_text()) == {"global_step": 8, "episode": 256}
     for name in ("model.safetensors", "value_model/model.safetensors"):
         expected, resumed = load_file(straight / name), load_file(crashed / name)
