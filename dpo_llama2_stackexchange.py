@@ -48,7 +48,7 @@ from trl import DPOConfig
 
 disable_progress_bar()  # datasets' per-map bars; the script says in one line what each step kept
 transformers_logging.set_verbosity_error()  # load reports and deprecation notices; errors still show
-transformers_logging.disable_progress_bar()  # weight-loading bars (training keeps its own progress bar)
+transformers_logging.disable_progress_bar()  # weight-loading bars (training's own bar is on: disable_tqdm)
 SCRIPT = "dpo_llama2_stackexchange.py"
 
 
@@ -271,6 +271,7 @@ def build_dpo_config(args: Args) -> DPOConfig:
         save_strategy="steps" if args.save_steps > 0 else "no",
         save_steps=args.save_steps if args.save_steps > 0 else 500,
         report_to=args.report_to, run_name=args.run_name,
+        disable_tqdm=False,  # a progress bar with the step count and time left (quiet library logs would hide it)
         dataset_num_proc=args.dataset_num_proc,  # the anchor read an undefined num_proc
         use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU
         tf32=tf32_setting(args), use_liger_kernel=use_liger(args),

@@ -50,7 +50,7 @@ from trl.experimental.ppo import PPOConfig
 
 disable_progress_bar()  # datasets' per-map bars; the script says in one line what each step kept
 transformers_logging.set_verbosity_error()  # load reports and deprecation notices; errors still show
-transformers_logging.disable_progress_bar()  # weight-loading bars (training keeps its own progress bar)
+transformers_logging.disable_progress_bar()  # weight-loading bars (training's own bar is on: disable_tqdm)
 SCRIPT = "ppo_gpt2_imdb.py"
 
 
@@ -285,6 +285,7 @@ def build_ppo_config(args: Args, eval_size: int) -> PPOConfig:
         per_device_eval_batch_size=min(16, eval_size),
         num_sample_generations=1 if args.sample_every > 0 else 0,  # > 0 turns the sample tables on
         report_to=args.report_to, run_name=args.run_name, logging_steps=args.logging_steps, save_strategy="no",
+        disable_tqdm=False,  # a progress bar with the step count and time left (quiet library logs would hide it)
         dataset_num_proc=args.dataset_num_proc, use_cpu=not gpu,
         bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU; TRL's PPO ignores it
         tf32=tf32_setting(args),
@@ -449,9 +450,11 @@ def report(reference: dict, trained: dict, wandb_run=None):
 #   trl.experimental.ppo.ppo_trainer while it runs (a KV cache nobody reads, a per-row loop, TRL's per-update memory
 #   freeing), and the policy's `generate` (rollouts into one static cache)
 # - PPOTrainer.dataloader: replaced by a resumable batch order (TRL reshuffles from the global RNG, cannot resume)
-# - PPOTrainer.log / generate_completions / sample_generations_freq: the reward's spread, phase timings, sample
-#   tables every N updates without shifting training's RNG
-# - callbacks and accelerate's save_state/load_state: checkpoints and resume (TRL 1.12's PPO has none)
+# - PPOTrainer.log / generate_completions / sample_generations_freq: the reward's spread, phase timings, episodes
+#   per second of this run after a resume, logging every logging_steps, sample tables every N updates without
+#   shifting training's RNG
+# - callbacks and accelerate's save_state/load_state: checkpoints and resume (TRL 1.12's PPO has none), restored
+#   before the progress bar starts
 # - save_outputs: not TRL's save_model, which fails with several processes
 import itertools
 from contextlib import contextmanager, nullcontext
@@ -546,7 +549,7 @@ class SentimentPPOTrainer(PPOTrainer):
             self.checkpoints.resumed = read_json(os.path.join(checkpoint, "counters.json"))
             self.updates_done = self.checkpoints.resumed["global_step"]
             self.args.num_total_batches = self.total_updates - self.updates_done  # TRL's loop runs this many
-        self.add_callback(self.checkpoints)
+        self.callback_handler.callbacks.insert(0, self.checkpoints)  # first: the progress bar sees restored counters
         self.dataloader = self.timed(ResumableBatches(
             self.train_dataset, self.args.local_batch_size, prompt_collator(self.processing_class, settings),
             settings.seed, self.accelerator.process_index, self.accelerator.num_processes, self.updates_done))

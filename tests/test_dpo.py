@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 
@@ -347,6 +348,7 @@ def test_tiny_run_saves_an_adapter_that_reproduces_its_score_and_merges(dpo_asse
                                               "--merge_full_model", "true", "--max_eval_samples", "16"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Held-out preference evaluation" in completed.stdout
+    assert re.findall(r"(\d+)/(\d+) \[", completed.stderr)[-1] == ("20", "20")  # a progress bar, to its end
     result = json.loads((out / "eval.json").read_text())
     assert result["steps"] == 20 and len(result["trained"]["generations"]) == 3
     assert abs(result["train_log"][0]["loss"] - math.log(2)) < 0.02  # logged at step 10: still near ln 2

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -293,6 +294,7 @@ def test_tiny_run_from_the_command_line_saves_a_policy_that_reproduces_its_score
     completed = run_cli(PPO_SCRIPT, tiny_argv(ppo_assets, out, "--total_episodes", "320", "--num_eval_prompts", "16"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Held-out evaluation" in completed.stdout
+    assert re.findall(r"(\d+)/(\d+) \[", completed.stderr)[-1] == ("10", "10")  # a progress bar, to its end
     result = json.loads((out / "eval.json").read_text())
     assert result["updates"] == 10 and result["reference"]["num_prompts"] == len(result["trained"]["samples"]) == 16
     assert result["trained"]["kl_to_reference"] > 0 and result["written_by_process"] == 0
@@ -949,6 +951,9 @@ def test_the_printed_resume_command_of_a_resumed_run_works_verbatim(ppo_assets, 
     resumed = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=600,
                              env=child_env(PATH=bin_dir + os.pathsep + os.environ["PATH"]))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    bar = re.findall(r"(\d+)/(\d+) \[", resumed.stderr)  # counts the whole run's updates, from where it resumed
+    assert {total for _, total in bar} == {"50"} and bar[-1] == ("50", "50")
+    assert all(int(done) == 0 or int(done) > 10 for done, _ in bar)  # shown from update 11 on (0: before the first)
     expected, final = load_file(straight / "model.safetensors"), load_file(crashed / "model.safetensors")
     for key in expected:
         torch.testing.assert_close(final[key], expected[key], rtol=0, atol=1e-6)
