@@ -265,6 +265,7 @@ def build_dpo_config(args: Args) -> DPOConfig:
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,  # every adapter trains every step: no per-step search (and its warning)
         max_length=args.max_length, max_steps=args.max_steps, logging_steps=args.logging_steps,
         eval_strategy="steps" if args.eval_steps > 0 else "no",
         eval_steps=args.eval_steps if args.eval_steps > 0 else None,
@@ -1366,6 +1367,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+    print(f"Building the tiny preset's models and data in {directory} (once; under a minute) ...", flush=True)
     started = time.time()
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -1657,6 +1657,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
         return
     from transformers import DistilBertConfig, GPT2Config
 
+    print(f"Building the tiny preset's models and data in {directory} (once; under a minute) ...", flush=True)
     started = time.time()
     rng = random.Random(seed)
     torch.manual_seed(seed)
