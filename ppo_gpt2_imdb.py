@@ -1357,9 +1357,14 @@ def saved_model_files(directory: str) -> list:
 
 
 def delete_finished_run(directory: str):
-    """A finished run's eval.json and saved weights: what marks the directory as holding a finished run."""
+    """A finished run's eval.json and saved weights (what marks the directory as holding one), and the models it
+    saved in folders of their own (PPO's value_model/, DPO's merged/), which a new run might not write again."""
+    import shutil
+
     for name in ["eval.json"] * os.path.exists(os.path.join(directory, "eval.json")) + saved_model_files(directory):
         os.remove(os.path.join(directory, name))
+    for name in ("value_model", "merged"):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def record_settings(args):

@@ -174,18 +174,21 @@ def test_the_resume_command_drops_every_form_of_resume_and_overwrite():
 def test_continuing_a_finished_run_deletes_its_eval_json_and_model_before_training_starts(module, marker, tmp_path,
                                                                                           capsys):
     """--resume --overwrite_output_dir over a finished run: the checkpoint is resumed, and eval.json and the saved
-    weights are gone before the first update, so a continuation interrupted midway leaves an unfinished run (that
+    weights (value model and merged model too) are gone before the first update, so a continuation interrupted midway leaves an unfinished run (that
     --resume continues), never the old evaluation or model beside newer checkpoints. The end-to-end tests cannot
     see this: the continued run writes both again."""
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / marker).write_text("{}")
-    for name in ("eval.json", "model.safetensors", "adapter_model.safetensors", "tokenizer.json"):
+    for name in ("eval.json", "model.safetensors", "adapter_model.safetensors", "tokenizer.json",
+                 "value_model/model.safetensors", "merged/model.safetensors", "tiny_assets/gpt2/model.safetensors"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("{}")
     args = module.parse_args(["--output_dir", str(out), "--resume", "--overwrite_output_dir"])
     (out / "settings.json").write_text(json.dumps(vars(args)))
     assert module.prepare_output_dir(args, marker) == str(out / "checkpoint-2")
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "settings.json", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "settings.json", "tiny_assets", "tokenizer.json"]
+    assert (out / "tiny_assets" / "gpt2" / "model.safetensors").exists()  # the tiny preset's models are kept
     assert "deleted the finished run's eval.json and trained model; continuing from" in capsys.readouterr().out
 
 
