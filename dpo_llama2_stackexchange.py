@@ -112,7 +112,7 @@ class Args:
     save_steps: int = arg(100, "save a checkpoint every N steps; 0: no periodic checkpoints")
     resume: Optional[str] = arg(None, "continue from a checkpoint: 'latest' (bare --resume) or a checkpoint dir")
     overwrite_output_dir: bool = arg(False, "start over in an output dir that holds a finished or unfinished run "
-                                     "(its eval.json and checkpoints are deleted)")
+                                     "(its eval.json, saved models and checkpoints are deleted)")
     merge_full_model: bool = arg(False, "also save the base with the adapter merged in (reloads the base unquantised)")
     push_to_hub: bool = arg(False, "push the adapter and tokenizer to the hub")
     hub_model_id: Optional[str] = arg(None, "hub repo for push_to_hub; None: the output dir's name")
@@ -354,14 +354,15 @@ def main(args: Args) -> dict:
             stop.enter("reporting")
             report(base_result, trained_result, wandb_run_if_open(args))
             print(f"Saved the LoRA adapter, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
-            if args.push_to_hub:
-                push_to_hub(trainer.model, tokenizer, args)
+            upload_failed = push_to_hub(trainer.model, tokenizer, args) if args.push_to_hub else None
             if args.merge_full_model:
                 del trainer, model  # free the 4-bit base before loading an unquantised one
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 merge_full_model(args, tokenizer)
+            if upload_failed:  # after the merge: a failed upload costs nothing else the run was asked for
+                fail(upload_failed)
     return result
 
 
@@ -773,8 +774,14 @@ def build_parser(defaults: dict) -> TrlParser:
 
 def yaml_value_as_text(name: str, value):
     """A YAML value as the command line would give it, so that argparse checks its type as it checks a flag's."""
+    import typing
+
     if name == "resume" and isinstance(value, bool):  # resume: true means the latest checkpoint, as a bare --resume
         return "latest" if value else None
+    hint = typing.get_type_hints(Args).get(name)
+    if value is None and hint is not None and type(None) not in typing.get_args(hint):
+        fail(f"--config: {name} is null (or has no value) in the YAML file, and --{name} needs one. Give it a value, "
+             f"or delete the line for the default.")
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)):  # lora_target_modules: [q_proj, v_proj]
@@ -879,6 +886,8 @@ def load_or_explain(load, name: str, setting: str, related: Optional[str] = None
         fail(f"--{setting}={name!r} looks like a local path, but nothing exists there. {offline_hint()}")
     try:
         return load(os.path.expanduser(name) if looks_local(name) else name)
+    except (MemoryError, torch.OutOfMemoryError, AttributeError, NameError, ImportError):
+        raise  # not the file's fault: memory, or code that does not fit the installed libraries
     except Exception as err:  # hub and cache errors, and files that are empty, truncated or not what they claim
         fail(explain_load_error(err, name, setting, related))
 
@@ -957,12 +966,13 @@ def check_hub_reachable(args, settings: list):
                  f"login`) or set HF_TOKEN, {upload_later}.")
     if offline or (all(map(looks_local, names)) and not args.push_to_hub):
         return
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
     reached = []
 
     def connect():
         try:
-            socket.create_connection((host, 443), timeout=3).close()
+            socket.create_connection((host, port), timeout=3).close()
             reached.append(True)
         except OSError:
             pass
@@ -982,19 +992,21 @@ def check_hub_reachable(args, settings: list):
         PartialState().print(f"The Hugging Face Hub ({host}) cannot be reached: loading from the local cache only.")
 
 
-def push_to_hub(model, tokenizer, args):
-    """Upload the trained model and tokenizer, once eval.json is written: a push that fails (no connection, no
-    rights to the repo) loses nothing, and says how to upload the saved files later."""
+def push_to_hub(model, tokenizer, args) -> Optional[str]:
+    """Upload the trained model and tokenizer, once eval.json is written. A push that fails (no connection, no
+    rights to the repo) loses nothing: the paragraph returned says how to upload the saved files later, for the run
+    to stop with once it has done the rest of what it was asked (None: pushed)."""
     repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     try:
         model.push_to_hub(repo)
         tokenizer.push_to_hub(repo)
         print(f"Pushed the trained model and tokenizer to the hub: {repo}")
+        return None
     except Exception as err:  # any failure: what was trained is on disk either way
-        first_line = " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else ""
-        fail(f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {first_line}). Nothing is lost: the "
-             f"trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub is reachable "
-             f"and you are logged in: `hf upload {repo} {args.output_dir} --exclude 'checkpoint-*/*'`.")
+        return (f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {error_summary(err)}). Nothing "
+                f"is lost: the trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub "
+                f"is reachable and you are logged in: `hf upload {repo} {args.output_dir} --exclude 'checkpoint-*/*' "
+                f"--exclude 'tiny_assets/*'`.")
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
@@ -1008,13 +1020,14 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     what_finished = "a finished run (eval.json and the trained model)" if evaluated else \
         f"a trained model ({saved_model[0]}) whose evaluation was not written" if saved_model else ""
     if finished and args.resume and not args.overwrite_output_dir:  # it would train again over the finished model
-        can_continue = bool(checkpoint_steps(directory, checkpoint_marker)) or args.resume != "latest"
+        if args.resume == "latest" and not checkpoint_steps(directory, checkpoint_marker):
+            fail(f"--output_dir {directory!r} holds {what_finished}, and no checkpoint to resume from (--save_steps). "
+                 f"Nothing was changed. Choose another --output_dir, or start over there with --overwrite_output_dir "
+                 f"(without --resume).")
         fail(f"--output_dir {directory!r} holds {what_finished}: resuming from one of its checkpoints would train "
-             f"again over it. Nothing was changed. Drop --resume and choose another --output_dir"
-             + (", or add --overwrite_output_dir to continue from that checkpoint and replace the finished model "
-                "(it and its eval.json are deleted)." if can_continue else
-                "; it kept no checkpoint to continue from (--save_steps), so --overwrite_output_dir without --resume "
-                "is the way to start over there."))
+             f"again over it. Nothing was changed. Drop --resume and choose another --output_dir, or add "
+             f"--overwrite_output_dir to continue from that checkpoint and replace the finished model (its "
+             f"{'eval.json and ' if evaluated else ''}saved models are deleted first).")
     if args.resume:
         if args.resume == "latest":
             complete = checkpoint_steps(directory, checkpoint_marker)
@@ -1029,9 +1042,9 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
         if finished:  # and --overwrite_output_dir: asked for, once the checkpoint is known to be sound
             PartialState().wait_for_everyone()
             if PartialState().is_main_process:
-                delete_finished_run(directory)
-                print(f"--overwrite_output_dir: deleted the finished run's eval.json and trained model; continuing "
-                      f"from {checkpoint}.")
+                kept = delete_finished_run(args)
+                print(f"--overwrite_output_dir: deleted the finished run's eval.json and saved models{kept}; "
+                      f"continuing from {checkpoint}.")
             PartialState().wait_for_everyone()
         record_settings(args)
         return checkpoint
@@ -1046,29 +1059,50 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
 
         for name in checkpoints:
             shutil.rmtree(os.path.join(directory, name))
-        delete_finished_run(directory)
-        print(f"--overwrite_output_dir: deleted the earlier run's eval.json, trained model and {len(checkpoints)} "
-              f"checkpoint(s).")
+        kept = delete_finished_run(args)
+        print(f"--overwrite_output_dir: deleted the earlier run's eval.json, saved models and {len(checkpoints)} "
+              f"checkpoint(s){kept}.")
     PartialState().wait_for_everyone()
     record_settings(args)
     return None
 
 
 def saved_model_files(directory: str) -> list:
-    """The weight files a finished run saved in `directory` itself (its checkpoints keep their own in subfolders)."""
-    return sorted(name for name in os.listdir(directory) if name.startswith(("model", "pytorch_model", "adapter_model"))
-                  and name.endswith((".safetensors", ".bin", ".safetensors.index.json")))
+    """The weight files a finished run saved in `directory` itself, by the names save_pretrained gives them (model,
+    pytorch_model, adapter_model; shards and their index); its checkpoints keep their own in subfolders."""
+    import re
+
+    pattern = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+    return sorted(name for name in os.listdir(directory) if pattern.fullmatch(name))
 
 
-def delete_finished_run(directory: str):
+def delete_finished_run(args) -> str:
     """A finished run's eval.json and saved weights (what marks the directory as holding one), and the models it
-    saved in folders of their own (PPO's value_model/, DPO's merged/), which a new run might not write again."""
+    saved in folders of their own (PPO's value_model/, DPO's merged/), which a new run might not write again. Never
+    what a setting of this run loads from (--model_name_or_path pointing at the earlier run's model): those are kept,
+    and named in the returned text."""
     import shutil
 
-    for name in ["eval.json"] * os.path.exists(os.path.join(directory, "eval.json")) + saved_model_files(directory):
-        os.remove(os.path.join(directory, name))
-    for name in ("value_model", "merged"):
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    directory = args.output_dir
+    sources = [os.path.realpath(value) for name, value in vars(args).items()
+               if name != "output_dir" and isinstance(value, str) and value and os.path.exists(value)]
+
+    def loaded_by_this_run(path: str) -> bool:  # a model directory's own files, or a folder holding what is loaded
+        path, is_file = os.path.realpath(path), os.path.isfile(path)
+        return any(path == source or (is_file and os.path.dirname(path) == source)
+                   or source.startswith(path + os.sep) for source in sources)
+
+    kept = []
+    for name in ["eval.json"] * os.path.exists(os.path.join(directory, "eval.json")) + saved_model_files(directory) \
+            + [folder for folder in ("value_model", "merged") if os.path.isdir(os.path.join(directory, folder))]:
+        path = os.path.join(directory, name)
+        if name != "eval.json" and loaded_by_this_run(path):
+            kept.append(name)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return f" (kept {', '.join(kept)}: this run loads from there)" if kept else ""
 
 
 def record_settings(args):
@@ -1185,7 +1219,8 @@ class StopRequest:
 
     LEFT = {"setup": "Nothing was trained yet.",
             "training": "This step's checkpoint was not saved; earlier checkpoints are kept.",
-            "saving": "The trained model may be partly written; the last checkpoint is kept.",
+            "saving": "The trained model may be partly written; the last checkpoint is kept: continue from it with "
+                      "--resume --overwrite_output_dir (which deletes the partly written model).",
             "evaluation": "The trained model is saved in --output_dir and stays (a new run there needs "
                           "--overwrite_output_dir); the evaluation (eval.json) was not written.",
             "reporting": "The trained model and eval.json are saved; what came after them may be incomplete."}

@@ -309,17 +309,21 @@ def test_more_bad_settings_stop_before_training(dpo_assets, tmp_path, monkeypatc
                dpo_assets, tmp_path)
 
 
-def test_the_adapter_is_pushed_once_after_eval_json_is_written(dpo_assets, tmp_path, monkeypatch):
+def test_the_adapter_is_pushed_once_after_eval_json_and_a_failed_push_still_merges(dpo_assets, tmp_path,
+                                                                                    monkeypatch):
     """The push used to come before the evaluation, so a push that failed (no connection) ended the run with a
-    traceback and no eval.json. Now the trained adapter (not a merged or base model) goes up after eval.json."""
+    traceback and no eval.json; then, moved after it, a failed push stopped the run before --merge_full_model. Now
+    the trained adapter (not a merged or base model) goes up after eval.json, and a failure stops the run last."""
     out = tmp_path / "run"
     pushed = []
     monkeypatch.setattr(dpo, "check_hub_reachable", lambda args, settings: None)  # the hub is out of reach here
     monkeypatch.setattr(dpo, "push_to_hub", lambda model, tokenizer, args: pushed.append(
-        (os.path.exists(out / "eval.json"), type(model).__name__, args.hub_model_id)))
-    run_tiny(dpo, dpo_assets, out, "--max_steps", "2", "--eval_steps", "0", "--num_eval_generations", "0",
-             "--max_eval_samples", "8", "--push_to_hub", "--hub_model_id", "me/tiny-dpo")
+        (os.path.exists(out / "eval.json"), type(model).__name__, args.hub_model_id)) or "the upload failed")
+    stops_with("the upload failed", run_tiny, dpo, dpo_assets, out, "--max_steps", "2", "--eval_steps", "0",
+               "--num_eval_generations", "0", "--max_eval_samples", "8", "--push_to_hub", "--hub_model_id",
+               "me/tiny-dpo", "--merge_full_model")
     assert pushed == [(True, "PeftModelForCausalLM", "me/tiny-dpo")]
+    assert (out / "merged" / "model.safetensors").exists() and (out / "eval.json").exists()
 
 
 def test_the_merged_model_is_bf16_only_where_the_gpu_has_bf16(tmp_path, monkeypatch):

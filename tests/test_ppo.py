@@ -102,6 +102,19 @@ def test_missing_text_column_empty_dataset_and_missing_split_are_explained(ppo_a
                r"the 'train' split", ppo.load_prompts, args, ppo.load_policy_tokenizer(args))
 
 
+def test_a_value_model_saved_with_the_added_pad_token_is_accepted(ppo_assets, tmp_path):
+    """A saved policy or value model has the tokenizer's [PAD] in its vocabulary (one more than the base): the
+    vocabulary check must take it, as it takes the base (a first version of the check refused it)."""
+    args = tiny_args(ppo_assets, tmp_path)
+    tokenizer = ppo.load_policy_tokenizer(args)
+    saved = AutoModelForSequenceClassification.from_pretrained(os.path.join(ppo_assets, "gpt2"), num_labels=1)
+    saved.resize_token_embeddings(len(tokenizer))
+    saved.save_pretrained(tmp_path / "value_model")
+    _, _, value_model = ppo.load_policy_models(tiny_args(ppo_assets, tmp_path, "--value_model_name_or_path",
+                                                         str(tmp_path / "value_model")), tokenizer)
+    assert value_model.get_input_embeddings().num_embeddings == len(tokenizer) > tokenizer.vocab_size
+
+
 def test_broken_local_files_and_mistyped_paths_are_named_in_a_paragraph(ppo_assets, tmp_path):
     """Each used to end in a library's traceback: StopIteration (an empty JSONL file), DatasetGenerationError (a
     malformed one, its parse error only in the cause), SafetensorError (a truncated model), a RuntimeError whose
@@ -123,7 +136,8 @@ def test_broken_local_files_and_mistyped_paths_are_named_in_a_paragraph(ppo_asse
             ("--model_name_or_path", truncated, r"Could not load '.*gpt2' \(--model_name_or_path\): .*"
                                                 r"Check --model_name_or_path"),
             ("--value_model_name_or_path", os.path.join(ppo_assets, "distilbert"),
-             r"The value model .* has a vocabulary of \d+ tokens, the policy \d+: it reads the policy's token ids"),
+             r"The value model .* has a vocabulary of \d+ tokens, the policy's tokenizer \d+ \(\+\d+ added\): it reads "
+             r"the policy's token ids"),
             ("--model_name_or_path", "outputs/tiny/tiny_assets/gpt", r"'outputs/tiny/tiny_assets/gpt' looks like a "
                                                                      r"local path, but nothing exists there")):
         message = stops_with(expected, run_tiny, ppo, ppo_assets, tmp_path / "out", setting, str(value))

@@ -3,6 +3,7 @@ the resume command, gated and unreachable hubs, and running as a notebook."""
 import json
 import os
 import re
+import shutil
 import time
 
 import pytest
@@ -34,6 +35,17 @@ def test_each_script_reads_as_a_recipe_first_with_numbered_cells():
         assert [t[:2] for t in titles[3:8]] == ["2.", "3.", "4.", "5.", "6."]
         assert [t.split()[0] + " " + t.split()[1] for t in titles[8:12]] == [
             "Appendix A", "Appendix B", "Appendix C", "Appendix D"] and titles[12].startswith("Run")
+
+
+def test_the_readme_counts_the_recipes_lines_as_they_are():
+    """The README says how long each recipe is above its first appendix; it drifted with every edit until checked."""
+    readme = " ".join(open(os.path.join(REPO, "README.md")).read().split())
+    said = re.search(r"Above the first appendix: (\d+) non-blank lines \(PPO\) and (\d+) \(DPO\)", readme)
+    counts = []
+    for script in (PPO_SCRIPT, DPO_SCRIPT):
+        text = open(os.path.join(REPO, script)).read()
+        counts.append(sum(1 for line in text[: text.index("# %% Appendix A")].splitlines() if line.strip()))
+    assert said and [int(said[1]), int(said[2])] == counts
 
 
 def test_every_test_the_readme_names_exists():
@@ -128,6 +140,8 @@ def test_yaml_values_are_checked_as_flags_are_and_read_as_a_user_would_write_the
     assert (args.seed, args.learning_rate, args.report_to, args.resume) == (7, 2.0, "none", "latest")
     assert isinstance(args.learning_rate, float) and parse("seed: 7\n", "--seed", "8").seed == 8  # the flag wins
     assert parse("# seed: 7\n\n").seed == module.Args().seed
+    stops_with(r"--config: seed is null \(or has no value\) in the YAML file, and --seed needs one", parse, "seed:\n")
+    assert parse("resume: null\n").resume is None  # a setting that may be None takes null
     if module is dpo:
         assert parse("lora_target_modules: [q_proj, v_proj]\n").lora_target_modules == "q_proj,v_proj"
 
@@ -201,7 +215,7 @@ def test_continuing_a_finished_run_deletes_its_eval_json_and_model_before_traini
     assert module.prepare_output_dir(args, marker) == str(out / "checkpoint-2")
     assert sorted(os.listdir(out)) == ["checkpoint-2", "settings.json", "tiny_assets", "tokenizer.json"]
     assert (out / "tiny_assets" / "gpt2" / "model.safetensors").exists()  # the tiny preset's models are kept
-    assert "deleted the finished run's eval.json and trained model; continuing from" in capsys.readouterr().out
+    assert "deleted the finished run's eval.json and saved models; continuing from" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("module, marker", [(ppo, "counters.json"), (dpo, "trainer_state.json")], ids=["ppo", "dpo"])
@@ -222,8 +236,8 @@ def test_resume_given_a_run_directory_or_a_finished_run_without_checkpoints_says
     finished = tmp_path / "finished"
     finished.mkdir()
     (finished / "eval.json").write_text("{}")
-    message = stops_with(r"holds a finished run .* it kept no checkpoint to continue from \(--save_steps\), so "
-                         r"--overwrite_output_dir without --resume", module.prepare_output_dir,
+    message = stops_with(r"holds a finished run .*, and no checkpoint to resume from \(--save_steps\). Nothing was "
+                         r"changed. .* --overwrite_output_dir \(without --resume\)", module.prepare_output_dir,
                          module.parse_args(["--output_dir", str(finished), "--resume"]), marker)
     assert "continue from that checkpoint" not in message
 
@@ -242,6 +256,31 @@ def test_a_tiny_run_copied_elsewhere_resumes_but_not_with_another_model(script, 
                module.check_resume_settings, module.parse_args(
                    ["--preset", "tiny", "--output_dir", str(out), "--model_name_or_path", "elsewhere/model"]),
                str(out / "checkpoint-1"))
+
+
+@pytest.mark.parametrize("module, marker", [(ppo, "counters.json"), (dpo, "trainer_state.json")], ids=["ppo", "dpo"])
+def test_starting_over_keeps_the_models_this_run_loads_and_files_that_are_not_a_runs(module, marker, tmp_path,
+                                                                                     capsys):
+    """--overwrite_output_dir with --model_name_or_path pointing at the earlier run's model (or its merged/ copy)
+    used to delete that model before loading it. A user's own file whose name merely begins with "model" is no
+    saved model: it neither marks the dir as a finished run nor is deleted."""
+    out = tmp_path / "run"
+    for name in ("eval.json", "model.safetensors", "model_v0_backup.bin", "value_model/model.safetensors",
+                 "merged/model.safetensors", "checkpoint-2/" + marker):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("{}")
+    loads = ["--model_name_or_path", str(out / "merged")] if module is dpo else \
+        ["--model_name_or_path", str(out), "--value_model_name_or_path", str(out / "value_model")]
+    args = module.parse_args(["--output_dir", str(out), "--overwrite_output_dir", *loads])
+    assert module.prepare_output_dir(args, marker) is None
+    kept = ["merged"] if module is dpo else ["model.safetensors", "value_model"]
+    assert sorted(os.listdir(out)) == sorted(["model_v0_backup.bin", "settings.json", *kept])
+    assert f"(kept {', '.join(kept)}: this run loads from there)" in capsys.readouterr().out
+    (out / "eval.json").unlink(missing_ok=True)
+    for name in kept:
+        (out / name).unlink() if (out / name).is_file() else shutil.rmtree(out / name)
+    assert module.saved_model_files(str(out)) == []  # the backup alone: no finished run here
+    assert module.prepare_output_dir(module.parse_args(["--output_dir", str(out)]), marker) is None
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
@@ -281,6 +320,13 @@ def test_push_to_hub_is_refused_before_training_where_it_cannot_work_and_a_faile
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: refused at once
     stops_with(r"--push_to_hub needs the Hugging Face Hub, and 127.0.0.1 cannot be reached", module.check_hub_reachable,
                args, ["model_name_or_path"])
+    import socket
+
+    with socket.socket() as mirror:  # a hub mirror on a port of its own is reached there (the probe used 443)
+        mirror.bind(("127.0.0.1", 0))
+        mirror.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{mirror.getsockname()[1]}")
+        module.check_hub_reachable(args, ["model_name_or_path"])
 
     def drop(repo):
         raise ConnectionError("Name or service not known")
@@ -289,9 +335,10 @@ def test_push_to_hub_is_refused_before_training_where_it_cannot_work_and_a_faile
     model = SimpleNamespace(push_to_hub=lambda repo: pushed.append(repo))
     module.push_to_hub(model, SimpleNamespace(push_to_hub=lambda repo: pushed.append(repo)), args)
     assert pushed == ["me/model", "me/model"] and "Pushed the trained model and tokenizer" in capsys.readouterr().out
-    stops_with(r"--push_to_hub: uploading to 'me/model' failed \(ConnectionError: Name or service not known\). "
-               r"Nothing is lost: the trained model and eval.json are saved in .*`hf upload me/model .*run",
-               module.push_to_hub, SimpleNamespace(push_to_hub=drop), None, args)
+    failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)  # for the run to stop with, last
+    assert re.search(r"--push_to_hub: uploading to 'me/model' failed \(ConnectionError: Name or service not known\). "
+                     r"Nothing is lost: the trained model and eval.json are saved in .*`hf upload me/model .*run",
+                     " ".join(failed.split()))
 
 
 def test_the_tiny_preset_says_it_builds_before_the_wait_and_nothing_once_built(ppo_assets, dpo_assets, tmp_path,
@@ -311,6 +358,19 @@ def test_the_tiny_preset_says_it_builds_before_the_wait_and_nothing_once_built(p
         with pytest.raises(Interrupted):
             module.build_tiny_assets(str(tmp_path / module.__name__))
         assert capsys.readouterr().out.startswith("Building the tiny preset's models and data in ")
+
+
+def test_running_out_of_memory_while_loading_is_not_blamed_on_the_file():
+    """Every other error while loading is explained as the file's or the hub's; memory is neither, and PyTorch's
+    own message (how much was asked, what is free) says more than "Check --model_name_or_path" would."""
+    import torch
+
+    def load(name):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    for module in (ppo, dpo):
+        with pytest.raises(torch.OutOfMemoryError):
+            module.load_or_explain(load, "meta-llama/Llama-2-7b-hf", "model_name_or_path")
 
 
 def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_path():
