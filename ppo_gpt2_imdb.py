@@ -1169,9 +1169,10 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
 def error_summary(err: BaseException) -> str:
     """The first line of an error and of the error it was raised from: a broken file's own message (a JSON parse
     error, a truncated header) is often only in the cause."""
-    def first_line(error: BaseException) -> str:
+    def first_line(error: BaseException) -> str:  # a reader's bare StopIteration: it found nothing to read
         text = " ".join(str(error).strip().splitlines()[0].split()).rstrip(".") if str(error).strip() else ""
-        return text or f"{type(error).__name__} (nothing was read: an empty file?)"
+        empty = " (nothing was read: an empty file?)" if isinstance(error, StopIteration) else ""
+        return text or type(error).__name__ + empty
 
     cause = err.__cause__
     return first_line(err) + (f" ({type(cause).__name__}: {first_line(cause)})" if cause is not None else "")
@@ -1349,7 +1350,7 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
         what = what_finished if finished else f"checkpoints of an unfinished run ({', '.join(checkpoints[-3:])})"
         fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
              f"another --output_dir, {'' if finished else 'continue it with --resume, '}or pass "
-             f"--overwrite_output_dir to start over (its eval.json, trained model and checkpoints are deleted).")
+             f"--overwrite_output_dir to start over (its eval.json, saved models and checkpoints are deleted).")
     PartialState().wait_for_everyone()  # every process has looked before the main one deletes anything
     if (finished or checkpoints) and PartialState().is_main_process:
         import shutil
@@ -1440,17 +1441,16 @@ def check_checkpoint(checkpoint: str, marker: str):
     broken and what to do. Reads headers and archive directories, not whole tensors."""
     import zipfile
 
-    inside = checkpoint_steps(checkpoint, marker)
-    if inside and not os.path.exists(os.path.join(checkpoint, marker)):
+    has_marker, inside = os.path.exists(os.path.join(checkpoint, marker)), checkpoint_steps(checkpoint, marker)
+    if inside and not has_marker:
         fail(f"--resume {checkpoint!r} is a run's output dir, not one of its checkpoints. Nothing was loaded. Use "
              f"--resume alone with --output_dir {checkpoint!r} (its latest checkpoint), or --resume "
              f"{os.path.join(checkpoint, f'checkpoint-{inside[-1]}')}.")
-    if not os.path.basename(os.path.normpath(checkpoint)).startswith("checkpoint-"):
-        if not os.path.exists(os.path.join(checkpoint, marker)):
-            fail(f"--resume {checkpoint!r} is not a checkpoint of this script (it holds no {marker}). Nothing was "
-                 f"loaded. Give a checkpoint-N directory this script saved, or --resume alone for the latest one in "
-                 f"--output_dir.")
-    broken = None if os.path.exists(os.path.join(checkpoint, marker)) else f"{marker} is missing"
+    if not has_marker and not os.path.basename(os.path.normpath(checkpoint)).startswith("checkpoint-"):
+        fail(f"--resume {checkpoint!r} is not a checkpoint of this script (it holds no {marker}). Nothing was "
+             f"loaded. Give a checkpoint-N directory this script saved, or --resume alone for the latest one in "
+             f"--output_dir.")
+    broken = None if has_marker else f"{marker} is missing"
     for root, _, files in os.walk(checkpoint):
         for name in files if broken is None else []:
             path = os.path.join(root, name)

@@ -335,6 +335,11 @@ def test_push_to_hub_is_refused_before_training_where_it_cannot_work_and_a_faile
     model = SimpleNamespace(push_to_hub=lambda repo: pushed.append(repo))
     module.push_to_hub(model, SimpleNamespace(push_to_hub=lambda repo: pushed.append(repo)), args)
     assert pushed == ["me/model", "me/model"] and "Pushed the trained model and tokenizer" in capsys.readouterr().out
+    def drop_silently(repo):
+        raise ConnectionError()
+
+    failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop_silently), None, args)
+    assert "failed (ConnectionError: ConnectionError)" in failed and "empty file" not in failed  # a reader's hint
     failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)  # for the run to stop with, last
     assert re.search(r"--push_to_hub: uploading to 'me/model' failed \(ConnectionError: Name or service not known\). "
                      r"Nothing is lost: the trained model and eval.json are saved in .*`hf upload me/model .*run",
