@@ -128,11 +128,16 @@ class Args:
     static_cache_generation: bool = arg(False, "rollouts decode into one static KV cache (compiled on a GPU). Off: "
                                         "H200 1.08-1.22x per update, +0.21 GiB, but the decode compiles for about "
                                         "20 s, which one pass over IMDB does not earn back")
+    compile_decode: str = arg("reduce-overhead", "with --static_cache_generation on a GPU, how the decode compiles: "
+                              "reduce-overhead (transformers' own; about 20 s once on an H200) or cudagraphs (the "
+                              "eager kernels replayed as CUDA graphs: traced in seconds, nothing fused; not yet "
+                              "measured on a GPU), or another --compile_ppo_epochs mode. A CPU decodes uncompiled")
     compile_ppo_epochs: Optional[str] = arg(None, "torch.compile mode for the policy and value passes of the PPO "
-                                            "epochs: default, reduce-overhead (GPU: CUDA graphs too) or "
-                                            "max-autotune; None: eager. H200, reduce-overhead with the static "
-                                            "cache: 1.52x per update, 10.9 GiB, but 63 s compiling (pays back "
-                                            "after about 340 updates)")
+                                            "epochs: default, reduce-overhead (GPU: CUDA graphs too), "
+                                            "max-autotune, or cudagraphs (GPU: CUDA graphs of the eager kernels, "
+                                            "traced in seconds; not yet measured on a GPU); None: eager. H200, "
+                                            "reduce-overhead with the static cache: 1.52x per update, 10.9 GiB, "
+                                            "but 63 s compiling (pays back after about 340 updates)")
     compile_scope: str = arg("whole", "with --compile_ppo_epochs: 'whole' compiles the policy and value passes as "
                              "one graph; 'blocks' compiles one transformer block, which serves all of both models "
                              "(2 CPU cores, GPT-2: cold compile 12 s against 36 s, steady step 9% slower). Blocks "
@@ -463,7 +468,7 @@ from contextlib import contextmanager, nullcontext
 from functools import partial
 from types import SimpleNamespace
 
-from transformers import DataCollatorWithPadding, GenerationConfig, StaticCache, TrainerCallback
+from transformers import CompileConfig, DataCollatorWithPadding, GenerationConfig, StaticCache, TrainerCallback
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo import ppo_trainer as trl_ppo_module
 from trl.trainer.utils import selective_log_softmax
@@ -605,7 +610,8 @@ class SentimentPPOTrainer(PPOTrainer):
                                              max_cache_len=self.settings.prompt_max_tokens + self.args.response_length)
         return rollouts_decode_into(self.rollout_cache, policy, batch_size=self.args.local_rollout_forward_batch_size,
                                     prompt_width=self.settings.prompt_max_tokens,
-                                    response_length=self.args.response_length)
+                                    response_length=self.args.response_length,
+                                    compile_config=decode_compile_config(self.settings.compile_decode))
 
     def clock(self) -> float:
         if self.accelerator.device.type == "cuda":
@@ -788,9 +794,11 @@ def prompt_collator(tokenizer, args: Args):
 
 
 @contextmanager
-def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_width: int, response_length: int):
+def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_width: int, response_length: int,
+                         compile_config: Optional[CompileConfig] = None):
     """While open, the policy's `generate` decodes every rollout-shaped call (`batch_size` prompts of
-    `prompt_width` tokens, `response_length` new tokens) into `cache`, zeroed before each call; calls of other
+    `prompt_width` tokens, `response_length` new tokens) into `cache`, zeroed before each call, compiled (on a GPU)
+    as `compile_config` says (None: transformers' default, inductor with CUDA graphs); calls of other
     shapes keep the dynamic cache and stay uncompiled (a sample-table batch that happens to have the rollouts' shape
     uses `cache` too, harmlessly). transformers 5 would allocate a new static cache on every call, and on a GPU its
     compiled decode (CUDA graphs) records its graphs again whenever a cache tensor's address changes (see
@@ -809,6 +817,9 @@ def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_wid
         if rollout_shaped:
             cache.reset()  # zeroes in place: the addresses stay
             kwargs["cache"] = cache
+            if compile_config is not None:  # TRL's generation config, reused by every rollout: a copy carries it
+                generation_config = copy.copy(generation_config)
+                generation_config.compile_config = compile_config
         return generate(input_ids=input_ids, generation_config=generation_config, **kwargs)
 
     policy.generate = generate_into_one_cache
@@ -852,6 +863,33 @@ def log_softmax_in_chunks(logits: torch.Tensor, index: torch.Tensor, chunk_bytes
 
 
 COMPILE_SCOPES = ("whole", "blocks")  # what --compile_scope may name
+CUDA_GRAPHS_OF_EAGER_KERNELS = "cudagraphs"  # the compile mode that is torch.compile's cudagraphs backend
+
+
+def compile_modes() -> list:
+    """What --compile_ppo_epochs and --compile_decode may name: torch.compile's modes, each compiled by inductor
+    (fused kernels generated and compiled: on an H200 about 40 s for the PPO epochs' pass and 20 s for the decode),
+    and 'cudagraphs', torch.compile's cudagraphs backend: the traced forward and backward run the eager kernels,
+    replayed as CUDA graphs. Nothing is generated, so it costs the tracing only; at GPT-2's size the update is
+    launch-bound, and CUDA graphs remove the launches whatever the kernels."""
+    from torch._inductor import list_mode_options
+
+    return [*list_mode_options(), CUDA_GRAPHS_OF_EAGER_KERNELS]
+
+
+def compiled(function, mode: str):
+    """torch.compile(function) in one of compile_modes()."""
+    if mode == CUDA_GRAPHS_OF_EAGER_KERNELS:
+        return torch.compile(function, backend="cudagraphs")  # a backend without modes
+    return torch.compile(function, mode=mode)
+
+
+def decode_compile_config(mode: str) -> CompileConfig:
+    """How transformers compiles a static-cache decode (on a GPU) in one of compile_modes(); reduce-overhead is
+    its own default."""
+    if mode == CUDA_GRAPHS_OF_EAGER_KERNELS:
+        return CompileConfig(backend="cudagraphs", mode="default")  # torch.compile passes on no 'default' mode
+    return CompileConfig(mode=mode)
 
 
 def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
@@ -873,7 +911,7 @@ def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         forward_without_kv_cache(wrapper, torch.zeros((1, 2), dtype=torch.long, device=device), pad_token_id=-1)
     if scope == "whole":
-        wrapper.forward = torch.compile(wrapper.forward, mode=mode)
+        wrapper.forward = compiled(wrapper.forward, mode)
         return
     from transformers.utils import output_capturing
 
@@ -881,7 +919,7 @@ def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
     if not blocks:
         fail(f"--compile_scope blocks found no transformer blocks to compile in {type(wrapper.policy).__name__} "
              "(its _no_split_modules names none). Use --compile_scope whole.")
-    compiled = [torch.compile(block.forward, mode=mode) for block in blocks]
+    compiled_blocks = [compiled(block.forward, mode) for block in blocks]
     eager_forward, plain = wrapper.forward, PlainOutputCollector()
 
     def forward_with_compiled_blocks(*args, **kwargs):
@@ -890,7 +928,7 @@ def compile_ppo_epochs(wrapper, mode: str, scope: str = "whole"):
         previous = [vars(block).get("forward") for block in blocks]
         collector = output_capturing._active_collector
         try:
-            for block, forward in zip(blocks, compiled):
+            for block, forward in zip(blocks, compiled_blocks):
                 block.forward = forward
             output_capturing._active_collector = plain  # process-wide while the pass runs, not per thread
             return eager_forward(*args, **kwargs)
@@ -978,12 +1016,17 @@ def validate(args: Args):
         # rollout batch, so with both > 1 it accumulates over several mini-batches: fewer, larger steps than asked.
         fail("--num_mini_batches and --gradient_accumulation_steps cannot both be above 1 with TRL 1.12's PPO "
              "trainer (it would accumulate gradients across mini-batches). Set one of them to 1.")
-    from torch._inductor import list_mode_options
-
-    modes = list(list_mode_options())
+    modes = compile_modes()
     if args.compile_ppo_epochs is not None and args.compile_ppo_epochs not in modes:
-        fail(f"--compile_ppo_epochs must be one of {', '.join(modes)} (torch.compile's modes), or unset for eager; "
-             f"got '{args.compile_ppo_epochs}'.")
+        fail(f"--compile_ppo_epochs must be one of {', '.join(modes)} (torch.compile's modes, and its cudagraphs "
+             f"backend), or unset for eager; got '{args.compile_ppo_epochs}'.")
+    if args.compile_decode not in modes:
+        fail(f"--compile_decode must be one of {', '.join(modes)} (torch.compile's modes, and its cudagraphs "
+             f"backend); got '{args.compile_decode}'.")
+    if args.compile_decode != Args.compile_decode and not args.static_cache_generation:
+        fail(f"--compile_decode {args.compile_decode} says how the static-cache decode compiles, and "
+             "--static_cache_generation is off (a dynamic cache never compiles). Set --static_cache_generation true "
+             "too, or leave --compile_decode out.")
     if args.compile_scope not in COMPILE_SCOPES:
         fail(f"--compile_scope must be {' or '.join(COMPILE_SCOPES)}, got '{args.compile_scope}'.")
     if args.compile_scope == "blocks" and not args.compile_ppo_epochs:
@@ -992,7 +1035,8 @@ def validate(args: Args):
     if args.logprob_chunk_mib < 0:
         fail(f"--logprob_chunk_mib must be 0 (TRL's row-by-row log-probabilities) or more, "
              f"got {args.logprob_chunk_mib}.")
-    if args.compile_ppo_epochs in ("reduce-overhead", "max-autotune") and not on_gpu(args):
+    records_cuda_graphs = ("reduce-overhead", "max-autotune", CUDA_GRAPHS_OF_EAGER_KERNELS)
+    if args.compile_ppo_epochs in records_cuda_graphs and not on_gpu(args):
         fail(f"--compile_ppo_epochs {args.compile_ppo_epochs} records CUDA graphs, which need a GPU, and this run "
              "has none. Use --compile_ppo_epochs default (or max-autotune-no-cudagraphs) on a CPU.")
     validate_common(args)

@@ -105,6 +105,8 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
     # (compiled on a GPU, or with --compile_decode_on_cpu).
     settings["bf16_autocast"] = run_args.get("bf16_autocast", False) and args.device == "cuda"
     settings["static_cache_generation"] = run_args.get("static_cache_generation", False)
+    settings["compile_decode"] = run_args.get("compile_decode", "reduce-overhead") \
+        if settings["static_cache_generation"] else None  # older copies: transformers' own
     settings["compile_ppo_epochs"] = run_args.get("compile_ppo_epochs")
     settings["compile_scope"] = run_args.get("compile_scope", "whole") if settings["compile_ppo_epochs"] else None
     settings["logprob_chunk_mib"] = run_args.get("logprob_chunk_mib", 0)  # older copies: TRL's row-by-row loop

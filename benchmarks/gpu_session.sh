@@ -6,7 +6,8 @@
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 9 min
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 8 min; carry the liger-kernel wheel
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
-#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old compile   # about 3 min: regional compilation
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old compile   # about 6 min: regional compilation, the
+#                                                                       # cudagraphs backend, TRL's log-probabilities
 # Each part runs on its own (a layout that fails gets a row saying why, and the rest still runs); a part that cannot
 # finish before DEADLINE seconds (default 570) is skipped, not cut off. Timed rows come first, profiles last. Logs,
 # the RESULTS.md rows and all profiles (in one file, profiles.txt: the device tool returns at most 8 files) land in
@@ -58,7 +59,13 @@ if [[ $GROUP == ppo ]]; then
   #   is the epochs' compile, nearly cold).
   # - `...-bf16` adds bf16 autocast to it. Eager, autocast was slower at this size (launch-bound); under CUDA
   #   graphs launches no longer dominate and the epochs' matmuls may gain (a new epochs' graph, about 40 s).
-  # - `trl-logprobs` measures the script's chunked log-probabilities against TRL's row-by-row loop.
+  # - `static-cache-cudagraphs-backend` (before them: it finds nothing in the caches that the others fill, and the
+  #   cold first update is what it is for) compiles the decode and the PPO epochs with torch.compile's cudagraphs
+  #   backend: CUDA graphs of the eager kernels, traced in seconds, nothing generated or fused. Inductor's code
+  #   generation is most of the 63 s cold first update above; at GPT-2's size the update is launch-bound, and CUDA
+  #   graphs remove the launches whatever the kernels. The candidate for a cold pass under the old code's 119.8 s.
+  # `trl-logprobs` (the script's chunked log-probabilities against TRL's row-by-row loop) moved to the compile
+  # group, to make room.
   # Measured on 2026-11-26, and so left out here: the static cache alone, compiled epochs in default mode, alone and
   # with it, and compiled epochs with CUDA graphs alone. The timed rows take about 420 s. After them, the fastest
   # layout of that session runs once more, 3 updates, to profile update 3: its kernels ranked by GPU time, its
@@ -67,12 +74,13 @@ if [[ $GROUP == ppo ]]; then
   # machine pays (compile caches warm). `gpu_session.sh .old compile` times the two scopes apart, each with empty
   # caches.
   both="--static_cache_generation true --compile_ppo_epochs reduce-overhead"
+  backend="--static_cache_generation true --compile_decode cudagraphs --compile_ppo_epochs cudagraphs"
   part ppo 540 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --baseline "$BASELINE" --profile_step 3 --profile_layouts static-cache-compile-cudagraphs \
+    --variant "static-cache-cudagraphs-backend: $backend" \
     --variant "static-cache-blocks-cudagraphs: $both --compile_scope blocks" \
     --variant "static-cache-compile-cudagraphs: $both" \
-    --variant "static-cache-compile-cudagraphs-bf16: $both --bf16_autocast true" \
-    --variant "trl-logprobs: --logprob_chunk_mib 0"
+    --variant "static-cache-compile-cudagraphs-bf16: $both --bf16_autocast true"
 fi
 
 if [[ $GROUP == dpo ]]; then
@@ -92,5 +100,12 @@ fi
 if [[ $GROUP == compile ]]; then
   # The PPO epochs' pass at GPT-2 shapes (128 x 24 tokens), eager, compiled whole and compiled one block at a time,
   # each in a process with empty compile caches, under CUDA graphs: cold compilation, steady step, graphs, gradients.
-  part compile 360 python3 benchmarks/bench_compile.py --device cuda
+  # First the cudagraphs backend (--compile_ppo_epochs cudagraphs), which generates no code: its first step is
+  # tracing and recording alone.
+  part compile_cudagraphs_backend 150 python3 benchmarks/bench_compile.py --device cuda --mode cudagraphs \
+    --scopes blocks,whole
+  part compile 330 python3 benchmarks/bench_compile.py --device cuda
+  # The script's chunked log-probabilities (--logprob_chunk_mib 32, the default) against TRL's row-by-row loop.
+  part trl_logprobs 90 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
+    --variant "trl-logprobs: --logprob_chunk_mib 0"
 fi

@@ -1,6 +1,7 @@
 """Benchmarks: one JSON line per measurement and a row appended to RESULTS.md."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -217,6 +218,7 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
     assert old["settings"]["layout"] == "baseline" and ours["settings"]["layout"] == "script-defaults"
     assert ours["settings"]["batch_size"] == 32 and ours["settings"]["num_mini_batches"] == 2
     assert ours["settings"]["compile_ppo_epochs"] is None and ours["settings"]["compile_scope"] is None  # eager
+    assert ours["settings"]["compile_decode"] is None  # no static cache: nothing to compile
     assert theirs["settings"]["batch_size"] == 64 and theirs["settings"]["micro_batch"] == 64
     assert theirs["settings"]["num_mini_batches"] == 1 and theirs["settings"]["updates"] == 3
     for row in (old, ours, theirs):
@@ -306,12 +308,18 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
     """Checked here with stand-ins for nvidia-smi and the benchmarks (a GPU session is too scarce to find these
     out there): one group per call, a baseline copy that exists, parts that cannot finish before DEADLINE skipped
     rather than cut off, each part's rows summarised."""
+    import dataclasses
     import subprocess
+
+    import dpo_llama2_stackexchange as dpo
+    import ppo_gpt2_imdb as ppo
 
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB'\n")
+    calls = tmp_path / "calls.tsv"  # each benchmark command, its arguments tab-separated
     (stubs / "python3").write_text(f'#!/bin/sh\n[ "$1" = "-c" ] && exec {sys.executable} "$@"\n'
+                                   f'printf "%s\\t" "$@" >> {calls}; echo >> {calls}\n'
                                    'echo \'{"benchmark": "dpo", "settings": {"layout": "stub"}, "figures": {"s": 1}}\'\n')
     for stub in stubs.iterdir():
         stub.chmod(0o755)
@@ -330,11 +338,21 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
     for script in ("ppo_gpt2_imdb.py", "dpo_llama2_stackexchange.py"):
         (baseline / script).write_text("")
     ran = session(str(baseline), "dpo", deadline="200")
-    assert "== dpo_spread_lengths: skipped (needs up to 260 s, 200 s left)" in ran.stdout
+    # 200 s left, less the seconds the stand-ins took on a busy machine
+    assert re.search(r"== dpo_spread_lengths: skipped \(needs up to 260 s, (200|19\d) s left\)", ran.stdout), ran.stdout
     assert "== dpo: exit 0" in ran.stdout and "== dpo_batch1: exit 0" in ran.stdout and "stub {'s': 1}" in ran.stdout
     assert (tmp_path / "out" / "RESULTS.md").exists() and (tmp_path / "out" / "profiles.txt").exists()
     compiled = session(str(baseline), "compile")
-    assert "== compile: exit 0" in compiled.stdout and "stub {'s': 1}" in compiled.stdout
+    for part in ("compile_cudagraphs_backend", "compile", "trl_logprobs"):
+        assert f"== {part}: exit 0" in compiled.stdout
+    assert session(str(baseline), "ppo").returncode == 0
+    # Every setting a variant names is one of the script's (a misspelt one would cost a GPU session its row).
+    commands = [line.rstrip("\t").split("\t") for line in calls.read_text().splitlines()]
+    variants = [flags for command in commands for option, flags in zip(command, command[1:]) if option == "--variant"]
+    assert any("static-cache-cudagraphs-backend" in variant for variant in variants), variants
+    settings = {flag[2:] for variant in variants for flag in variant.partition(":")[2].split() if flag.startswith("--")}
+    ppo_settings, dpo_settings = ({field.name for field in dataclasses.fields(module.Args)} for module in (ppo, dpo))
+    assert settings and settings <= ppo_settings | dpo_settings, settings - ppo_settings - dpo_settings
 
 
 @pytest.mark.slow
