@@ -557,6 +557,7 @@ class SentimentPPOTrainer(PPOTrainer):
             self.updates_done = self.checkpoints.resumed["global_step"]
             self.args.num_total_batches = self.total_updates - self.updates_done  # TRL's loop runs this many
         self.callback_handler.callbacks.insert(0, self.checkpoints)  # first: the progress bar sees restored counters
+        show_progress_from_the_resumed_step(self)
         self.dataloader = self.timed(ResumableBatches(
             self.train_dataset, self.args.local_batch_size, prompt_collator(self.processing_class, settings),
             settings.seed, self.accelerator.process_index, self.accelerator.num_processes, self.updates_done))
@@ -1055,7 +1056,8 @@ import textwrap
 
 import numpy as np
 import yaml
-from transformers import AutoTokenizer
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, ProgressCallback
 from transformers.utils import is_torch_tf32_available
 from trl import TrlParser
 
@@ -1072,10 +1074,11 @@ def parse_args(argv: Optional[list] = None) -> Args:
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
-    base = parse_with_defaults(argv, {})
+    written = yaml_as_written(argv)
+    base = parse_with_defaults(argv, {}, written)
     if base.preset not in (None, *PRESETS):
         fail(f"--preset must be one of {', '.join(PRESETS)}, got {base.preset!r}.")
-    args = parse_with_defaults(argv, PRESETS[base.preset]) if base.preset else base
+    args = parse_with_defaults(argv, PRESETS[base.preset], written) if base.preset else base
     if args.preset == "tiny":
         args.tiny_assets_dir = args.tiny_assets_dir or os.path.join(args.output_dir, "tiny_assets")
         for name, value in vars(args).items():
@@ -1088,7 +1091,9 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return args
 
 
-def build_parser(defaults: dict) -> TrlParser:
+def build_parser(defaults: dict, written: Optional[dict] = None) -> TrlParser:
+    """TRL's parser of `Args`, with `defaults` (a preset's) and the YAML file's values checked as flags are
+    (`written`: the file's values as written, see yaml_as_written)."""
     parser = TrlParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     parser.error = lambda message: fail(f"{message.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
@@ -1106,15 +1111,30 @@ def build_parser(defaults: dict) -> TrlParser:
     set_config_defaults = parser.set_defaults_with_config  # what TRL's parser does with the YAML file's values
 
     def set_defaults_as_text(**config):  # argparse converts (and checks) text defaults only: YAML's 2.5 for an int
-        return set_config_defaults(**{name: yaml_value_as_text(name, value) for name, value in config.items()})
+        return set_config_defaults(**{name: yaml_value_as_text(name, value, (written or {}).get(name))
+                                      for name, value in config.items()})
 
     parser.set_defaults_with_config = set_defaults_as_text
     parser.set_defaults(**defaults)
     return parser
 
 
-def yaml_value_as_text(name: str, value):
-    """A YAML value as the command line would give it, so that argparse checks its type as it checks a flag's."""
+def yaml_as_written(argv: list) -> dict:
+    """The --config file's settings, each value as written (YAML's BaseLoader: text, and lists of text). TRL's
+    parser reads the file as YAML 1.1, where `run_name: 0123` is the number 83 and `wandb_entity: no` is false."""
+    if "--config" not in argv[:-1]:
+        return {}
+    try:
+        with open(argv[argv.index("--config") + 1]) as handle:
+            written = yaml.load(handle, Loader=yaml.BaseLoader)
+    except Exception:  # unreadable or not YAML: TRL's parser reads it next and says so, in one paragraph
+        return {}
+    return written if isinstance(written, dict) else {}
+
+
+def yaml_value_as_text(name: str, value, written=None):
+    """A YAML value as the command line would give it, so that argparse checks its type as it checks a flag's:
+    the text as `written` in the file where there is one (`seed: 0123` is 123, as --seed 0123 is)."""
     import typing
 
     if name == "resume" and isinstance(value, bool):  # resume: true means the latest checkpoint, as a bare --resume
@@ -1123,7 +1143,11 @@ def yaml_value_as_text(name: str, value):
     if value is None and hint is not None and type(None) not in typing.get_args(hint):
         fail(f"--config: {name} is null (or has no value) in the YAML file, and --{name} needs one. Give it a value, "
              f"or delete the line for the default.")
-    if value is None or isinstance(value, str):
+    if value is None:
+        return value
+    if isinstance(written, str):
+        return written
+    if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)):  # lora_target_modules: [q_proj, v_proj]
         return ",".join(map(str, value))
@@ -1138,9 +1162,9 @@ def yaml_file_is_empty(path: str) -> bool:
         return False
 
 
-def parse_with_defaults(argv: list, defaults: dict) -> Args:
+def parse_with_defaults(argv: list, defaults: dict, written: Optional[dict] = None) -> Args:
     try:
-        (args,) = build_parser(defaults).parse_args_and_config(args=list(argv))
+        (args,) = build_parser(defaults, written).parse_args_and_config(args=list(argv))
     except ValueError as err:  # TRL's and transformers' parsers report unknown settings as ValueError
         unknown = [token[2:] for token in str(err).split("[", 1)[-1].split("'") if token.startswith("--")]
         if not unknown:
@@ -1194,9 +1218,23 @@ def is_gated(err: BaseException) -> bool:
     return False
 
 
+def mistyped_path_hint(name: str) -> str:
+    """For OWNER/NAME, which reads as a hub id, when OWNER is a local folder: a sentence saying it may be a
+    mistyped path, with the closest path in that folder."""
+    folder, _, rest = name.partition("/")
+    if not rest or "/" in rest or not os.path.isdir(folder):
+        return ""
+    try:
+        closest = did_you_mean(name, [f"{folder}/{entry}" for entry in sorted(os.listdir(folder))])
+    except OSError:  # a folder this user may not list
+        closest = ""
+    return f" '{folder}' is a local folder, without '{rest}' in it: a mistyped path{closest or '?'}"
+
+
 def explain_load_error(err: Exception, name: str, setting: str, related: Optional[str] = None) -> str:
     settings = f"--{setting}" + (f" and --{related}" if related else "")
     text = " ".join(f"{type(err).__name__}: {err}".split())
+    hint = mistyped_path_hint(name)
     if is_gated(err):
         return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
                 f"license on its hub page with your account, then give this machine your token "
@@ -1205,9 +1243,9 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
     offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
     if any(marker in text.lower() for marker in offline_markers):
         return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
-                f"local cache. Connect to the internet, or download it elsewhere and set --{setting} to its local "
-                f"directory. {offline_hint()}")
-    return f"Could not load '{name}' ({settings}): {error_summary(err)}. Check {settings}. {offline_hint()}"
+                f"local cache.{hint} Connect to the internet, or download it elsewhere and set --{setting} to its "
+                f"local directory. {offline_hint()}")
+    return f"Could not load '{name}' ({settings}): {error_summary(err)}.{hint} Check {settings}. {offline_hint()}"
 
 
 def error_summary(err: BaseException) -> str:
@@ -1617,6 +1655,24 @@ class StopRequest:
         how = f"set resume = {checkpoint!r} in Args and run again" if "ipykernel" in sys.modules else \
             f"  {resume_command(checkpoint)}"
         self.stop_now(f"\nStopped by {self.signal_name} {when}; checkpoint saved in {checkpoint}.\nResume with:\n{how}")
+
+
+class ProgressFromTheResumedStep(ProgressCallback):
+    """transformers' training progress bar, begun at the step a resumed run continues from. Its own begins at 0 and
+    jumps there on the first step, so its first rate and time left counted every resumed step as done in that one
+    (test_the_printed_resume_command_of_a_resumed_run_works_verbatim)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, dynamic_ncols=True)
+        self.current_step = state.global_step
+
+
+def show_progress_from_the_resumed_step(trainer):
+    """The trainer's progress bar replaced by ProgressFromTheResumedStep, in its place among the callbacks."""
+    callbacks = trainer.callback_handler.callbacks
+    callbacks[:] = [ProgressFromTheResumedStep() if type(callback) is ProgressCallback else callback
+                    for callback in callbacks]
 
 
 def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:

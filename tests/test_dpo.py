@@ -535,10 +535,12 @@ def adapter_weights(directory):
 
 @pytest.mark.parametrize("order", [[], ["--group_by_length", "--max_train_samples", "120"]],
                          ids=["random-order", "grouped-by-length"])
-def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path, order):
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path, order, capfd):
     """Tolerance: adapter weights equal within 1e-5 (measured: bit-identical on CPU). With --group_by_length the
     resumed run must draw the same length-grouped order and skip to the same place in it; on at most 120 pairs
-    (8 steps of 16 per epoch at most) it resumes in the second epoch, whose order differs from the first."""
+    (8 steps of 16 per epoch at most) it resumes in the second epoch, whose order differs from the first. The
+    resumed run's progress bar begins at step 10 (transformers' own began at 0 and jumped to 11 on its first
+    step, its rate and time left counting 11 steps as done in one)."""
     common = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "0", "--num_eval_generations", "0",
               "--max_eval_samples", "16", *order]
     straight = tmp_path / "straight"
@@ -546,8 +548,11 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dp
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
     crashed = tmp_path / "crashed"  # as if the machine died right after the step-10 checkpoint
     shutil.copytree(straight / "checkpoint-10", crashed / "checkpoint-10")
+    capfd.readouterr()
     result = run_tiny(dpo, dpo_assets, crashed, *common, "--resume")
     assert result["steps"] == 20 and result["steps_this_run"] == 10
+    bar = re.findall(r"(\d+)/20 \[", capfd.readouterr().err)
+    assert bar[0] == "10" and bar[-1] == "20" and all(int(done) >= 10 for done in bar), bar
     assert json.loads((crashed / "checkpoint-20" / "trainer_state.json").read_text())["global_step"] == 20
     expected, resumed = adapter_weights(straight), adapter_weights(crashed)
     assert expected.keys() == resumed.keys()

@@ -126,7 +126,9 @@ def test_values_argparse_refuses_stop_with_one_paragraph_and_abbreviations_are_u
 def test_yaml_values_are_checked_as_flags_are_and_read_as_a_user_would_write_them(script, module, tmp_path):
     """TRL's parser puts YAML values in as defaults, which argparse does not check: `num_ppo_epochs: 2.5` used to
     reach torch.zeros, `seed: 1.5` numpy, both as tracebacks. Now each is checked as its flag would be. A list for
-    a comma-separated setting, `resume: true` and a file with every line commented out read as a user means them."""
+    a comma-separated setting, `resume: true` and a file with every line commented out read as a user means them.
+    Values are read as written, not as YAML 1.1 reads them: `run_name: 0123` was the number 83 and `wandb_entity:
+    no` was false, handed over as '83' and 'false'."""
     def parse(text: str, *argv: str):
         config = tmp_path / "run.yaml"
         config.write_text(text)
@@ -142,6 +144,8 @@ def test_yaml_values_are_checked_as_flags_are_and_read_as_a_user_would_write_the
     assert parse("# seed: 7\n\n").seed == module.Args().seed
     stops_with(r"--config: seed is null \(or has no value\) in the YAML file, and --seed needs one", parse, "seed:\n")
     assert parse("resume: null\n").resume is None  # a setting that may be None takes null
+    args = parse("run_name: 0123\nwandb_entity: no\nseed: 0123\nreport_to: 'none'\n")
+    assert (args.run_name, args.wandb_entity, args.seed, args.report_to) == ("0123", "no", 123, "none")  # as flags
     if module is dpo:
         assert parse("lora_target_modules: [q_proj, v_proj]\n").lora_target_modules == "q_proj,v_proj"
 
@@ -450,3 +454,24 @@ def test_run_all_in_a_jupyter_kernel_trains_with_the_constants_as_edited(script,
         assert result["args"][name] == value
     margin = 1.0 if script == PPO_SCRIPT else 0.2
     assert result[last][check] > result[first][check] + margin
+
+
+@pytest.mark.parametrize("module", [ppo, dpo], ids=["ppo", "dpo"])
+def test_a_mistyped_path_with_one_slash_is_named_with_the_closest_path_in_its_folder(module, tmp_path, monkeypatch):
+    """'runs/tinyy' reads as a hub id (OWNER/NAME), so it is looked up on the hub, and the paragraph spoke of the
+    hub only. When its first part is a local folder, the paragraph also says so and names the closest path in it;
+    a hub id whose owner is no local folder gets no such sentence."""
+    import huggingface_hub.constants
+    from transformers import AutoConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as when the hub cannot be reached
+    message = stops_with(r"Could not load 'runs/tinyy' \(--model_name_or_path\): the Hugging Face Hub cannot be "
+                         r"reached .* 'runs' is a local folder, without 'tinyy' in it: a mistyped path \(did you mean "
+                         r"runs/tiny\?\)", module.load_or_explain, AutoConfig.from_pretrained, "runs/tinyy",
+                         "model_name_or_path")
+    assert message.strip().count("\n\n") == 0
+    hub_id = stops_with(r"Could not load 'someone/model'", module.load_or_explain, AutoConfig.from_pretrained,
+                        "someone/model", "model_name_or_path")
+    assert "local folder" not in hub_id
