@@ -464,17 +464,19 @@ def test_static_cache_rollouts_learn_like_dynamic_ones(ppo_assets, tmp_path):
     assert_learned_positive_reviews(result, "static cache")
 
 
-def graphs_handed_to_the_cudagraphs_backend(monkeypatch) -> list:
+def graphs_handed_to_the_cudagraphs_backend(monkeypatch, run_by: str = "cudagraphs") -> list:
     """The graphs torch.compile hands its cudagraphs backend from now on. On a CPU that backend records no CUDA
-    graph (it counts a skip) and runs its AOT trace of forward and backward as it is."""
+    graph (it counts a skip) and runs its AOT trace op by op through Python, about 100x slower than eager at the
+    tiny size: `run_by` "aot_eager" runs the same AOT trace at eager speed instead."""
     from torch._dynamo.backends import registry
 
-    cudagraphs, handed = registry.lookup_backend("cudagraphs"), []
+    run, handed = registry.lookup_backend(run_by), []
+    registry.lookup_backend("cudagraphs")  # registered on first use
 
     def handed_on(graph, example_inputs, **kwargs):
         handed.append(graph)
         assert not kwargs  # the backend takes no mode: one passed on would be ignored, with a warning
-        return cudagraphs(graph, example_inputs)
+        return run(graph, example_inputs)
 
     monkeypatch.setitem(registry._COMPILER_FNS, "cudagraphs", handed_on)
     return handed
@@ -488,8 +490,8 @@ def test_compiled_decode_into_the_reused_cache_is_one_graph_for_the_whole_run(pp
     leaves uncompiled. Compiled here as a GPU would: one graph, no break and no recompilation, serves all five
     rollouts and the ratio check (whose error stays 0.0 to 6 places), so the compilation is paid once per run. Each
     is compiled as --compile_decode says: transformers' own inductor with CUDA graphs, or torch.compile's
-    cudagraphs backend, which traces in seconds what inductor compiles for about 20 s on an H200 (on a CPU it
-    records no CUDA graph and runs the trace as it is)."""
+    cudagraphs backend, which traces in seconds what inductor compiles for about 20 s on an H200 (here what it is
+    handed runs as aot_eager: the same AOT trace, without CUDA graphs)."""
     import transformers.generation.utils as generation
     from torch._dynamo.utils import counters
     from transformers import PreTrainedModel
@@ -508,7 +510,7 @@ def test_compiled_decode_into_the_reused_cache_is_one_graph_for_the_whole_run(pp
 
     monkeypatch.setattr(generation.GenerationMixin, "_valid_auto_compile_criteria", as_on_a_gpu)
     monkeypatch.setattr(PreTrainedModel, "get_compiled_call", compiled_as)
-    handed = graphs_handed_to_the_cudagraphs_backend(monkeypatch)
+    handed = graphs_handed_to_the_cudagraphs_backend(monkeypatch, run_by="aot_eager")  # 96 decode steps: 56 s else
     torch._dynamo.reset()
     counters.clear()
     result = run_tiny(ppo, ppo_assets, tmp_path, *ROLLOUTS_OF_8, "--static_cache_generation", "true",
