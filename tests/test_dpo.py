@@ -373,14 +373,8 @@ def test_tiny_run_saves_an_adapter_that_reproduces_its_score_and_merges(dpo_asse
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.slow
-def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_path, monkeypatch):
-    """Through the script's evaluation: held-out accuracy rises by at least 0.25 and DPO's implicit reward margin
-    exceeds 0.5. Without it: (a) scored from the raw dataset columns, response_j gains over response_k against the
-    base by more than 1 nat per pair on average, and (b) greedy answers name the tool the preference set prefers
-    for the question's task more often than the base's do (by at least 0.1; chance is 0.1). Measured on 2 CPU
-    cores: seed 0 accuracy 0.500 -> 0.983, right tool 0.10 -> 0.32; seed 1 0.466 -> 0.983, 0.14 -> 0.36. Only one
-    base model is ever loaded."""
+def run_counting_model_loads(assets, out, *extra) -> tuple:
+    """run_tiny, and the path of every causal language model loaded while it runs."""
     loads = []
     original = AutoModelForCausalLM.from_pretrained.__func__
 
@@ -388,12 +382,35 @@ def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_
         loads.append(args[0])
         return original(cls, *args, **kwargs)
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting_from_pretrained))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting_from_pretrained))
+        return run_tiny(dpo, assets, out, *extra), loads
+
+
+@pytest.fixture(scope="module")
+def dpo_seed0_run(dpo_assets, tmp_path_factory):
+    """The tiny preset at seed 0 with 60 answers generated, run once for this module: the learning test's first
+    seed and the grouping test's run without grouping (the evaluation, answers included, comes after training, so
+    they change nothing that test reads: the padding and the training log). (output dir, eval.json, loads)."""
+    out = tmp_path_factory.mktemp("dpo_seed0")
+    return (out, *run_counting_model_loads(dpo_assets, out, "--seed", 0, "--num_eval_generations", "60"))
+
+
+@pytest.mark.slow
+def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, dpo_seed0_run, tmp_path):
+    """Through the script's evaluation: held-out accuracy rises by at least 0.25 and DPO's implicit reward margin
+    exceeds 0.5. Without it: (a) scored from the raw dataset columns, response_j gains over response_k against the
+    base by more than 1 nat per pair on average, and (b) greedy answers name the tool the preference set prefers
+    for the question's task more often than the base's do (by at least 0.1; chance is 0.1). Measured on 2 CPU
+    cores: seed 0 accuracy 0.500 -> 0.983, right tool 0.10 -> 0.32; seed 1 0.466 -> 0.983, 0.14 -> 0.36. Only one
+    base model is ever loaded."""
     held_out = raw_pairs(dpo_assets)[:40]
     for seed in (0, 1):
-        loads.clear()
-        out = tmp_path / f"seed{seed}"
-        result = run_tiny(dpo, dpo_assets, out, "--seed", seed, "--num_eval_generations", "60")
+        if seed == 0:
+            out, result, loads = dpo_seed0_run  # shared with the grouping test
+        else:
+            out = tmp_path / f"seed{seed}"
+            result, loads = run_counting_model_loads(dpo_assets, out, "--seed", seed, "--num_eval_generations", "60")
         base, trained = result["base"], result["trained"]
         assert len(loads) == 1, loads
         tool = {name: right_tool_share(r["generations"], dpo.TASKS) for name, r in (("base", base),
@@ -407,11 +424,11 @@ def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_
 
 
 @pytest.mark.slow
-def test_grouping_pairs_by_length_cuts_padding_and_still_learns(dpo_assets, tmp_path):
+def test_grouping_pairs_by_length_cuts_padding_and_still_learns(dpo_assets, dpo_seed0_run, tmp_path):
     """--group_by_length gives each optimizer step pairs of similar length, so its batches carry less padding; the
     held-out preference is still learned. Measured on 2 CPU cores, tiny preset: padding 0.160 -> 0.047 of the
     positions; accuracy 0.500 -> 0.967 and implicit reward margin 3.56 (without grouping: 0.983 and 3.77)."""
-    plain = run_tiny(dpo, dpo_assets, tmp_path / "plain", "--num_eval_generations", "0")
+    plain = dpo_seed0_run[1]  # the same settings, seed 0 (the default), ungrouped: the learning test's run
     grouped = run_tiny(dpo, dpo_assets, tmp_path / "grouped", "--num_eval_generations", "0", "--group_by_length")
     print(f"padding {plain['pad_fraction']:.3f} -> {grouped['pad_fraction']:.3f}; grouped accuracy "
           f"{grouped['base']['accuracy']:.3f} -> {grouped['trained']['accuracy']:.3f}")

@@ -88,16 +88,17 @@ def test_a_bad_setting_on_the_command_line_exits_1_with_one_paragraph_and_no_tra
 @pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
 def test_an_unknown_setting_in_yaml_or_on_the_command_line_is_named_with_the_closest_known_one(script, module, tmp_path):
+    """The YAML file's typo as a user meets it (exit 1, the paragraph on stderr, no traceback); the command line's
+    goes through the same parser and the same SystemExit, so its message is checked in this process (a second
+    launch would pay the libraries' import again, about 6 s, to prove the same exit)."""
     config = tmp_path / "run.yaml"
     config.write_text("learnig_rate: 0.1\nseed: 3\n")
     completed = run_cli(script, ["--config", config, "--output_dir", str(tmp_path)])
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert "Unknown setting 'learnig_rate' (did you mean learning_rate?) in the YAML file" in \
         " ".join(completed.stderr.split())
-    typo = run_cli(script, ["--learnig_rate", "0.1", "--output_dir", str(tmp_path)])
-    assert typo.returncode == 1 and "Traceback" not in typo.stderr
-    assert "Unknown setting 'learnig_rate' (did you mean learning_rate?) on the command line" in \
-        " ".join(typo.stderr.split())
+    stops_with(r"Unknown setting 'learnig_rate' \(did you mean learning_rate\?\) on the command line",
+               module.parse_args, ["--learnig_rate", "0.1", "--output_dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
@@ -427,7 +428,7 @@ def notebook_from(script: str, tmp_path, **constants):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, constants, replaced, check", [
-    (PPO_SCRIPT, dict(num_ppo_epochs=3, total_episodes=640), "total_episodes 640 -> 3072", "reward_mean"),
+    (PPO_SCRIPT, dict(num_ppo_epochs=1, total_episodes=640), "total_episodes 640 -> 3072", "reward_mean"),
     (DPO_SCRIPT, dict(lora_r=4, num_eval_generations=1, max_steps=100), "max_steps 100 -> 150", "accuracy"),
 ])
 def test_run_all_in_a_jupyter_kernel_trains_with_the_constants_as_edited(script, constants, replaced, check,
@@ -435,7 +436,9 @@ def test_run_all_in_a_jupyter_kernel_trains_with_the_constants_as_edited(script,
     """jupytext turns the script into a notebook; nbclient runs every cell in a real ipykernel, whose own command
     line is ignored. The constants edited in Args are used (preset, output dir, a PPO epoch count, a LoRA rank);
     one the preset replaces is named in the preset line; eval.json is written, the table is printed, and the
-    trained model beats the reference (PPO: reward +1.0, DPO: accuracy +0.2)."""
+    trained model beats the reference (PPO: reward +1.0, DPO: accuracy +0.2). PPO runs one epoch per update, which
+    halves its training time and still learns (measured on 2 CPU cores: reward -1.90 -> 3.56; -1.90 -> 3.69 with
+    three epochs)."""
     from nbclient import NotebookClient
 
     out = tmp_path / "out"
