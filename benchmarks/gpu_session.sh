@@ -3,7 +3,7 @@
 # BASELINE_DIR (default .old: `git archive <commit> ppo_gpt2_imdb.py dpo_llama2_stackexchange.py | tar -x -C .old`),
 # measured in the same call, plus each lever against the current defaults. One call per group fits the 10-minute
 # limit of a call:
-#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 9 min
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 7 min
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 8 min; carry the liger-kernel wheel
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old compile   # about 6 min: regional compilation, the
@@ -50,37 +50,32 @@ for line in sys.stdin:
 
 if [[ $GROUP == ppo ]]; then
   # GPT-2 124M + DistilBERT 66M shapes, 12 updates of 128. The machine's inductor and Triton caches start empty,
-  # and later rows find what earlier ones compiled (kernels they share too), so the order matters:
-  # - `static-cache-blocks-cudagraphs` first: the candidate defaults compiled one transformer block at a time
-  #   (--compile_scope blocks; 3x faster to compile on 2 CPU cores). Its first update is what a user's first run
-  #   pays, cold: the decode and the block graph.
-  # - `static-cache-compile-cudagraphs`, the same compiled whole (H200, 2026-11-26, cold: 62.9 s first update, about
-  #   40 s of it the PPO epochs' graph, 20 s the decode; the decode is warm here, so its first_optimisation_seconds
-  #   is the epochs' compile, nearly cold).
-  # - `...-bf16` adds bf16 autocast to it. Eager, autocast was slower at this size (launch-bound); under CUDA
-  #   graphs launches no longer dominate and the epochs' matmuls may gain (a new epochs' graph, about 40 s).
-  # - `static-cache-cudagraphs-backend` (before them: it finds nothing in the caches that the others fill, and the
-  #   cold first update is what it is for) compiles the decode and the PPO epochs with torch.compile's cudagraphs
-  #   backend: CUDA graphs of the eager kernels, traced in seconds, nothing generated or fused. Inductor's code
-  #   generation is most of the 63 s cold first update above; at GPT-2's size the update is launch-bound, and CUDA
-  #   graphs remove the launches whatever the kernels. The candidate for a cold pass under the old code's 119.8 s.
-  # `trl-logprobs` (the script's chunked log-probabilities against TRL's row-by-row loop) moved to the compile
-  # group, to make room.
-  # Measured on 2026-11-26, and so left out here: the static cache alone, compiled epochs in default mode, alone and
-  # with it, and compiled epochs with CUDA graphs alone. The timed rows take about 420 s. After them, the fastest
-  # layout of that session runs once more, 3 updates, to profile update 3: its kernels ranked by GPU time, its
-  # operations by CPU time, and the seconds the GPU was busy against the update's wall time (0.35 s steady, against
-  # an estimated 0.1 s of GPU work: is the rest the host?). That run's first update is what a second run on one
-  # machine pays (compile caches warm). `gpu_session.sh .old compile` times the two scopes apart, each with empty
-  # caches.
-  both="--static_cache_generation true --compile_ppo_epochs reduce-overhead"
-  backend="--static_cache_generation true --compile_decode cudagraphs --compile_ppo_epochs cudagraphs"
-  part ppo 540 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
-    --baseline "$BASELINE" --profile_step 3 --profile_layouts static-cache-compile-cudagraphs \
-    --variant "static-cache-cudagraphs-backend: $backend" \
-    --variant "static-cache-blocks-cudagraphs: $both --compile_scope blocks" \
-    --variant "static-cache-compile-cudagraphs: $both" \
-    --variant "static-cache-compile-cudagraphs-bf16: $both --bf16_autocast true"
+  # and later rows find what earlier ones compiled, so the order matters. At GPT-2's size the update is
+  # launch-bound, and CUDA graphs remove the launches whatever the kernels. Measured before (H200):
+  # - 2026-11-26: the static cache alone (1.25x), compiled epochs in default mode, alone and with it, compiled with
+  #   CUDA graphs alone; inductor's whole PPO pass under CUDA graphs with the static cache, fp32: 1.76x steady
+  #   (0.349 s/update), cold first update 62.9 s, one IMDB pass 130.5 s against the old code's 119.8 s.
+  # - 2026-11-27, call 1: torch.compile's stock cudagraphs backend (CUDA graphs of the eager kernels, nothing
+  #   generated): 1.46x, first update 13.0 s, one pass 91.9 s (old code 115.5 s), no skips, but 13.35 GiB: it
+  #   copied every parameter into the graphs' buffers before each replay. Profile (epochs only, fp32): GPU busy
+  #   0.25 s of a 0.50 s profiled update; the PPO epochs' backward 110 ms and forward 55 ms of it, fp32 attention
+  #   29 ms.
+  # - 2026-11-27, call 2 (the old code slow in that call: 0.790 s/update, against 0.592 in call 1): the script's
+  #   backend (parameters held in place) 0.360 s, 12.58 GiB, pass 89.9 s; with bf16 autocast 0.317 s; inductor's
+  #   whole pass with the static cache and bf16 autocast 0.230 s/update (3.43x in that call, 2.57x against call
+  #   1's old code), 8.93 GiB, pass 83.5 s with the decode's compile cached (its cold 12.4 s measured in the row
+  #   before). That layout became the defaults.
+  # Now: the defaults first after the old code, so their first update is what a user's first run pays, cold; the
+  # eager fp32 layout; the cudagraphs backend under autocast (17 s first update against about 50 s); the epochs
+  # compiled per block (the lead for the cold cost). Then the defaults once more, 3 updates, to profile update 3:
+  # what is left between 0.23 s and the GPU's busy time.
+  eager="--static_cache_generation false --compile_ppo_epochs none --bf16_autocast false"
+  backend="--compile_decode cudagraphs --compile_ppo_epochs cudagraphs"
+  part ppo 480 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
+    --baseline "$BASELINE" --profile_step 3 --profile_layouts script-defaults \
+    --variant "eager-fp32: $eager" \
+    --variant "static-cache-cudagraphs-backend-bf16: $backend" \
+    --variant "static-cache-blocks-cudagraphs-bf16: --compile_scope blocks"
 fi
 
 if [[ $GROUP == dpo ]]; then
