@@ -136,6 +136,9 @@ PRESETS = {
                  per_device_train_batch_size=16, per_device_eval_batch_size=16, gradient_accumulation_steps=1,
                  max_steps=150, logging_steps=10, eval_steps=50, save_steps=0, max_new_tokens=24, beta=0.5),
 }
+# A run without a GPU changes these defaults as a preset does (none here: the defaults' GPU-only settings are
+# refused on a CPU with what to change).
+WITHOUT_A_GPU: dict = {}
 
 
 # %% 1. Data: Stack Exchange pairs -> prompt / chosen / rejected, filtered by token length.
@@ -738,16 +741,19 @@ def parse_args(argv: Optional[list] = None) -> Args:
     base = parse_with_defaults(argv, {}, written)
     if base.preset not in (None, *PRESETS):
         fail(f"--preset must be one of {', '.join(PRESETS)}, got {base.preset!r}.")
-    args = parse_with_defaults(argv, PRESETS[base.preset], written) if base.preset else base
+    preset = PRESETS[base.preset] if base.preset else {}
+    without_a_gpu = {} if on_gpu(base) else {name: value for name, value in WITHOUT_A_GPU.items() if name not in preset}
+    args = parse_with_defaults(argv, {**preset, **without_a_gpu}, written) if preset or without_a_gpu else base
     if args.preset == "tiny":
         args.tiny_assets_dir = args.tiny_assets_dir or os.path.join(args.output_dir, "tiny_assets")
         for name, value in vars(args).items():
             if isinstance(value, str) and "{tiny}" in value:
                 setattr(args, name, value.replace("{tiny}", args.tiny_assets_dir))
-    changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in PRESETS.get(args.preset, {})
-               if getattr(args, name) != getattr(base, name)]
-    if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
-        print(f"preset {args.preset} changes: {', '.join(changed)}")
+    for what, defaults in ((f"preset {args.preset}", preset), ("no GPU", without_a_gpu)):
+        changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in defaults
+                   if getattr(args, name) != getattr(base, name)]
+        if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
+            print(f"{what} changes: {', '.join(changed)}")
     return args
 
 

@@ -123,21 +123,27 @@ class Args:
     tf32: bool = arg(True, "on an Ampere or newer GPU, run fp32 matmuls on TF32 tensor cores (TRL's PPO ignores bf16)")
     free_memory_each_update: bool = arg(False, "let TRL run gc.collect() and empty the CUDA cache several times "
                                         "per update: lower peak memory for big models, slow for GPT-2")
-    bf16_autocast: bool = arg(False, "GPU: the PPO epochs' forward passes under bf16 autocast. Off: slower at "
-                              "GPT-2 size (H200: 0.28 -> 0.32 s per update); no effect on a CPU")
-    static_cache_generation: bool = arg(False, "rollouts decode into one static KV cache (compiled on a GPU). Off: "
-                                        "H200 1.08-1.22x per update, +0.21 GiB, but the decode compiles for about "
-                                        "20 s, which one pass over IMDB does not earn back")
+    # The GPU layout (H200, GPT-2 shapes, 2026-11-27): these three together 2.6-3.4x per update against the eager
+    # fp32 code of 3f5fb14 (0.230 s against 0.59-0.79 s), 8.9 GiB against 12.8; one IMDB pass about 95 s against
+    # 115-154 s, its cold compilation (about 50 s) included; mean |ratio - 1| of the first PPO epoch 2.0e-3 (fp32:
+    # 1.3e-4; PPO clips at 0.2).
+    # A run without a GPU turns the last two off (WITHOUT_A_GPU), as does --preset tiny.
+    bf16_autocast: bool = arg(True, "GPU: the PPO epochs' forward passes under bf16 autocast (H200, compiled with "
+                              "the static cache: about 0.35 s per update in fp32, 0.23 s under autocast; eager it "
+                              "was slower, 0.28 -> 0.32 s). No effect on a CPU")
+    static_cache_generation: bool = arg(True, "rollouts decode into one static KV cache, compiled on a GPU (about "
+                                        "12-15 s once on an H200; rollout 0.23 -> 0.13 s per update). Off "
+                                        "without a GPU")
     compile_decode: str = arg("reduce-overhead", "with --static_cache_generation on a GPU, how the decode compiles: "
-                              "reduce-overhead (transformers' own; about 20 s once on an H200) or cudagraphs (the "
-                              "eager kernels replayed as CUDA graphs: traced in seconds, nothing fused; not yet "
-                              "measured on a GPU), or another --compile_ppo_epochs mode. A CPU decodes uncompiled")
-    compile_ppo_epochs: Optional[str] = arg(None, "torch.compile mode for the policy and value passes of the PPO "
-                                            "epochs: default, reduce-overhead (GPU: CUDA graphs too), "
-                                            "max-autotune, or cudagraphs (GPU: CUDA graphs of the eager kernels, "
-                                            "traced in seconds; not yet measured on a GPU); None: eager. H200, "
-                                            "reduce-overhead with the static cache: 1.52x per update, 10.9 GiB, "
-                                            "but 63 s compiling (pays back after about 340 updates)")
+                              "reduce-overhead (transformers' own) or cudagraphs (the eager kernels replayed as CUDA "
+                              "graphs: traced in 4-7 s, rollout 0.121 s per update against 0.127), or another "
+                              "--compile_ppo_epochs mode. A CPU decodes uncompiled")
+    compile_ppo_epochs: Optional[str] = arg("reduce-overhead", "torch.compile mode for the policy and value passes "
+                                            "of the PPO epochs: default, reduce-overhead (GPU: CUDA graphs too; "
+                                            "H200 about 35 s once), max-autotune, or cudagraphs (GPU: CUDA graphs "
+                                            "of the eager kernels, traced in about 10 s; with bf16 autocast 0.317 s "
+                                            "per update against reduce-overhead's 0.230); none: eager, the "
+                                            "default without a GPU")
     compile_scope: str = arg("whole", "with --compile_ppo_epochs: 'whole' compiles the policy and value passes as "
                              "one graph; 'blocks' compiles one transformer block, which serves all of both models "
                              "(2 CPU cores, GPT-2: cold compile 12 s against 36 s, steady step 9% slower). Blocks "
@@ -149,13 +155,16 @@ class Args:
 
 
 # A preset changes only defaults (explicit flags and YAML win) and prints what it changed. "{tiny}" stands for the
-# directory the tiny assets are built in.
+# directory the tiny assets are built in. The tiny run is too short to earn back the GPU layout's compilation.
 PRESETS = {
     "tiny": dict(model_name_or_path="{tiny}/gpt2", reward_model_name_or_path="{tiny}/distilbert",
                  dataset_name="{tiny}/reviews", num_eval_prompts=64, learning_rate=5e-4, total_episodes=3072,
                  batch_size=32, num_mini_batches=2, kl_coef=0.1, reward_batch_size=64, logging_steps=10,
-                 sample_every=0),
+                 sample_every=0, static_cache_generation=False, compile_ppo_epochs=None),
 }
+# A run without a GPU changes these defaults as a preset does (explicit flags win): the GPU layout's levers, which
+# a CPU either cannot run (CUDA graphs) or gains nothing from.
+WITHOUT_A_GPU = dict(static_cache_generation=False, compile_ppo_epochs=None)
 
 
 # %% 1. Data: IMDB reviews -> prompts of 2-8 policy tokens. Held-out prompts come from the eval split.
@@ -364,6 +373,7 @@ def main(args: Args) -> dict:
                   "samples_per_second": round(updates_run * trainer.args.batch_size / train_seconds, 2),
                   **trainer.phase_timings(),
                   "policy_ratio_error": round(trainer.policy_ratio_error(eval_prompts["input_ids"]), 6),
+                  "cuda_graph_skips": cuda_graph_skips(),
                   "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
                   if torch.cuda.is_available() else None, "written_by_process": PartialState().process_index}
         if PartialState().is_main_process:
@@ -864,6 +874,7 @@ def log_softmax_in_chunks(logits: torch.Tensor, index: torch.Tensor, chunk_bytes
 
 
 COMPILE_SCOPES = ("whole", "blocks")  # what --compile_scope may name
+EAGER = ("none", "null", "eager")  # what --compile_ppo_epochs may say for None (no compilation)
 CUDA_GRAPHS_OF_EAGER_KERNELS = "cudagraphs"  # the compile mode that is torch.compile's cudagraphs backend
 
 
@@ -881,15 +892,50 @@ def compile_modes() -> list:
 def compiled(function, mode: str):
     """torch.compile(function) in one of compile_modes()."""
     if mode == CUDA_GRAPHS_OF_EAGER_KERNELS:
-        return torch.compile(function, backend="cudagraphs")  # a backend without modes
+        return torch.compile(function, backend=cudagraphs_backend_holding_parameters_in_place)  # takes no mode
     return torch.compile(function, mode=mode)
+
+
+def cudagraphs_backend_holding_parameters_in_place(graph_module, example_inputs):
+    """torch.compile's cudagraphs backend, with the forward graph's parameters (and a static cache's tensors) held
+    where they are, as inductor's reduce-overhead holds them. The stock backend holds in place only the inputs AOT
+    autograd lifted, and torch.compile inlines modules now, so it lifts none: every replay copied each parameter of
+    the policy and the value model into the graph's own buffers first (H200, 2026-11-27: peak memory 13.35 GiB
+    against the eager defaults' 12.41, one copy kernel per parameter per pass). This hands cudagraph trees the
+    static inputs torch.compile itself marked (what inductor hands it) when the forward is recorded; the backward
+    (recorded later, its saved tensors already held in place) is the stock one's."""
+    from unittest import mock
+
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._inductor import cudagraph_trees
+    from torch._inductor.compile_fx import get_static_input_idxs
+
+    record = cudagraph_trees.cudagraphify_impl
+
+    def record_holding_parameters_in_place(model, inputs, static_input_idxs, *args, is_backward=False, **kwargs):
+        if not is_backward:
+            static_input_idxs = sorted({*static_input_idxs, *get_static_input_idxs(0)})
+        return record(model, inputs, static_input_idxs, *args, is_backward=is_backward, **kwargs)
+
+    with mock.patch.object(cudagraph_trees, "cudagraphify_impl", record_holding_parameters_in_place):
+        return lookup_backend("cudagraphs")(graph_module, example_inputs)  # the forward is recorded in here
+
+
+def cuda_graph_skips() -> int:
+    """How many compiled graphs this process has run without CUDA graphs (torch.compile's count; the reason is in
+    the log): a CPU tensor in the graph, an input it mutates that the backend does not hold at a fixed address.
+    Recorded in eval.json, since a skipped graph runs op by op, slower than eager."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def decode_compile_config(mode: str) -> CompileConfig:
     """How transformers compiles a static-cache decode (on a GPU) in one of compile_modes(); reduce-overhead is
     its own default."""
     if mode == CUDA_GRAPHS_OF_EAGER_KERNELS:
-        return CompileConfig(backend="cudagraphs", mode="default")  # torch.compile passes on no 'default' mode
+        # torch.compile passes on no 'default' mode
+        return CompileConfig(backend=cudagraphs_backend_holding_parameters_in_place, mode="default")
     return CompileConfig(mode=mode)
 
 
@@ -1017,10 +1063,12 @@ def validate(args: Args):
         # rollout batch, so with both > 1 it accumulates over several mini-batches: fewer, larger steps than asked.
         fail("--num_mini_batches and --gradient_accumulation_steps cannot both be above 1 with TRL 1.12's PPO "
              "trainer (it would accumulate gradients across mini-batches). Set one of them to 1.")
+    if str(args.compile_ppo_epochs).lower() in EAGER:  # how a command line or a YAML file says None
+        args.compile_ppo_epochs = None
     modes = compile_modes()
     if args.compile_ppo_epochs is not None and args.compile_ppo_epochs not in modes:
         fail(f"--compile_ppo_epochs must be one of {', '.join(modes)} (torch.compile's modes, and its cudagraphs "
-             f"backend), or unset for eager; got '{args.compile_ppo_epochs}'.")
+             f"backend), or none for eager; got '{args.compile_ppo_epochs}'.")
     if args.compile_decode not in modes:
         fail(f"--compile_decode must be one of {', '.join(modes)} (torch.compile's modes, and its cudagraphs "
              f"backend); got '{args.compile_decode}'.")
@@ -1078,16 +1126,19 @@ def parse_args(argv: Optional[list] = None) -> Args:
     base = parse_with_defaults(argv, {}, written)
     if base.preset not in (None, *PRESETS):
         fail(f"--preset must be one of {', '.join(PRESETS)}, got {base.preset!r}.")
-    args = parse_with_defaults(argv, PRESETS[base.preset], written) if base.preset else base
+    preset = PRESETS[base.preset] if base.preset else {}
+    without_a_gpu = {} if on_gpu(base) else {name: value for name, value in WITHOUT_A_GPU.items() if name not in preset}
+    args = parse_with_defaults(argv, {**preset, **without_a_gpu}, written) if preset or without_a_gpu else base
     if args.preset == "tiny":
         args.tiny_assets_dir = args.tiny_assets_dir or os.path.join(args.output_dir, "tiny_assets")
         for name, value in vars(args).items():
             if isinstance(value, str) and "{tiny}" in value:
                 setattr(args, name, value.replace("{tiny}", args.tiny_assets_dir))
-    changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in PRESETS.get(args.preset, {})
-               if getattr(args, name) != getattr(base, name)]
-    if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
-        print(f"preset {args.preset} changes: {', '.join(changed)}")
+    for what, defaults in ((f"preset {args.preset}", preset), ("no GPU", without_a_gpu)):
+        changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in defaults
+                   if getattr(args, name) != getattr(base, name)]
+        if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
+            print(f"{what} changes: {', '.join(changed)}")
     return args
 
 

@@ -126,6 +126,7 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
                "full_pass_seconds": round(measured["first_step_seconds"] + (FULL_PASS_PROMPTS / samples - 1) * steady, 1),
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
                "policy_ratio_error": result.get("policy_ratio_error"),
+               "cuda_graph_skips": result.get("cuda_graph_skips"),  # compiled graphs run without CUDA graphs
                "mfu": mfu(ppo_flops_per_update(work, args.arch, run_args) / steady) if args.arch != "tiny" else None,
                "reward_reference": round(result["reference"]["reward_mean"], 3),
                "reward_trained": round(result["trained"]["reward_mean"], 3)}
