@@ -136,8 +136,8 @@ PRESETS = {
                  per_device_train_batch_size=16, per_device_eval_batch_size=16, gradient_accumulation_steps=1,
                  max_steps=150, logging_steps=10, eval_steps=50, save_steps=0, max_new_tokens=24, beta=0.5),
 }
-# A run without a GPU changes these defaults as a preset does (none here: the defaults' GPU-only settings are
-# refused on a CPU with what to change).
+# A run without a GPU changes these settings as a preset does, where they hold the GPU value (first), to the second
+# (none here: the defaults' GPU-only settings are refused on a CPU with what to change).
 WITHOUT_A_GPU: dict = {}
 
 
@@ -709,7 +709,8 @@ def check_enough_pairs(args: Args, pairs: int):
 # <shared plumbing>
 # %% Appendix C: shared plumbing. Identical in both scripts (a test compares them), inlined so that each script
 # runs copied alone: settings parsing and presets, clear errors, output-dir protection, checkpoints, interrupts,
-# trackers. Everything here reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
+# trackers. Everything here reads the script's own `Args`, `PRESETS`, `WITHOUT_A_GPU`, `RESUME_MUST_MATCH` and
+# `SCRIPT`.
 import argparse
 import json
 import random
@@ -727,8 +728,9 @@ from trl import TrlParser
 
 def parse_args(argv: Optional[list] = None) -> Args:
     """`Args` from the command line and an optional YAML file: flags win over YAML, YAML over the constants in
-    `Args`. A preset changes only defaults, and prints one line with each constant it changed. In a notebook
-    kernel the command line is the kernel's own: it is ignored, and the constants as edited in `Args` are used."""
+    `Args`. A preset changes only defaults, and prints one line with each constant it changed; so does a run
+    without a GPU, for the GPU-only values in WITHOUT_A_GPU. In a notebook kernel the command line is the kernel's
+    own: it is ignored, and the constants as edited in `Args` are used."""
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
     argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
@@ -742,7 +744,8 @@ def parse_args(argv: Optional[list] = None) -> Args:
     if base.preset not in (None, *PRESETS):
         fail(f"--preset must be one of {', '.join(PRESETS)}, got {base.preset!r}.")
     preset = PRESETS[base.preset] if base.preset else {}
-    without_a_gpu = {} if on_gpu(base) else {name: value for name, value in WITHOUT_A_GPU.items() if name not in preset}
+    without_a_gpu = {} if on_gpu(base) else {name: instead for name, (gpu_value, instead) in WITHOUT_A_GPU.items()
+                                              if name not in preset and getattr(base, name) == gpu_value}
     args = parse_with_defaults(argv, {**preset, **without_a_gpu}, written) if preset or without_a_gpu else base
     if args.preset == "tiny":
         args.tiny_assets_dir = args.tiny_assets_dir or os.path.join(args.output_dir, "tiny_assets")

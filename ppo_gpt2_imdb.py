@@ -123,14 +123,14 @@ class Args:
     tf32: bool = arg(True, "on an Ampere or newer GPU, run fp32 matmuls on TF32 tensor cores (TRL's PPO ignores bf16)")
     free_memory_each_update: bool = arg(False, "let TRL run gc.collect() and empty the CUDA cache several times "
                                         "per update: lower peak memory for big models, slow for GPT-2")
-    # The GPU layout (H200, GPT-2 shapes, 2026-11-27): these three together 2.6-3.4x per update against the eager
-    # fp32 code of 3f5fb14 (0.230 s against 0.59-0.79 s), 8.9 GiB against 12.8; one IMDB pass about 95 s against
-    # 115-154 s, its cold compilation (about 50 s) included; mean |ratio - 1| of the first PPO epoch 2.0e-3 (fp32:
-    # 1.3e-4; PPO clips at 0.2).
+    # The GPU layout (H200, GPT-2 shapes, 2026-11-27): these three together 0.230 s per update against 0.518 s for
+    # the eager fp32 layout (2.25x) and 0.790 s for the old code 3f5fb14 (3.43x) in the same call; 8.9 GiB against
+    # 12.4 and 12.8; one IMDB pass about 95 s, its cold compilation (about 50 s) included, against 102 and 154 s;
+    # mean |ratio - 1| of the first PPO epoch 2.0e-3 (fp32: 1.3e-4; PPO clips at 0.2). README: Speed on a GPU.
     # A run without a GPU turns the last two off (WITHOUT_A_GPU), as does --preset tiny.
     bf16_autocast: bool = arg(True, "GPU: the PPO epochs' forward passes under bf16 autocast (H200, compiled with "
-                              "the static cache: about 0.35 s per update in fp32, 0.23 s under autocast; eager it "
-                              "was slower, 0.28 -> 0.32 s). No effect on a CPU")
+                              "the static cache: 0.35 s per update in fp32 in one call, 0.23 s under autocast in "
+                              "another; eager it was slower, 0.28 -> 0.32 s). No effect on a CPU")
     static_cache_generation: bool = arg(True, "rollouts decode into one static KV cache, compiled on a GPU (about "
                                         "12-15 s once on an H200; rollout 0.23 -> 0.13 s per update). Off "
                                         "without a GPU")
@@ -162,9 +162,10 @@ PRESETS = {
                  batch_size=32, num_mini_batches=2, kl_coef=0.1, reward_batch_size=64, logging_steps=10,
                  sample_every=0, static_cache_generation=False, compile_ppo_epochs=None),
 }
-# A run without a GPU changes these defaults as a preset does (explicit flags win): the GPU layout's levers, which
-# a CPU either cannot run (CUDA graphs) or gains nothing from.
-WITHOUT_A_GPU = dict(static_cache_generation=False, compile_ppo_epochs=None)
+# A run without a GPU changes these settings as a preset does (explicit flags win), where they hold the GPU
+# layout's value (first) and not one edited in: to the second. A CPU cannot record CUDA graphs, and gains nothing
+# from the static cache.
+WITHOUT_A_GPU = dict(static_cache_generation=(True, False), compile_ppo_epochs=("reduce-overhead", None))
 
 
 # %% 1. Data: IMDB reviews -> prompts of 2-8 policy tokens. Held-out prompts come from the eval split.
@@ -313,6 +314,7 @@ def main(args: Args) -> dict:
     started = time.time()
     # 0. Before anything is loaded: refuse settings that cannot work, protect finished runs, seed, pick the tracker.
     validate(args)
+    skips_before = cuda_graph_skips()  # the count is the process's: earlier runs in a notebook counted too
     with StopRequest() as stop:  # Ctrl-C or SIGTERM, from here to the end: see Appendix C
         PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU without a GPU
         if args.preset == "tiny":
@@ -373,7 +375,7 @@ def main(args: Args) -> dict:
                   "samples_per_second": round(updates_run * trainer.args.batch_size / train_seconds, 2),
                   **trainer.phase_timings(),
                   "policy_ratio_error": round(trainer.policy_ratio_error(eval_prompts["input_ids"]), 6),
-                  "cuda_graph_skips": cuda_graph_skips(),
+                  "cuda_graph_skips": cuda_graph_skips() - skips_before,
                   "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
                   if torch.cuda.is_available() else None, "written_by_process": PartialState().process_index}
         if PartialState().is_main_process:
@@ -880,7 +882,7 @@ CUDA_GRAPHS_OF_EAGER_KERNELS = "cudagraphs"  # the compile mode that is torch.co
 
 def compile_modes() -> list:
     """What --compile_ppo_epochs and --compile_decode may name: torch.compile's modes, each compiled by inductor
-    (fused kernels generated and compiled: on an H200 about 40 s for the PPO epochs' pass and 20 s for the decode),
+    (fused kernels generated and compiled: on an H200 about 35 s for the PPO epochs' pass and 12-15 s for the decode),
     and 'cudagraphs', torch.compile's cudagraphs backend: the traced forward and backward run the eager kernels,
     replayed as CUDA graphs. Nothing is generated, so it costs the tracing only; at GPT-2's size the update is
     launch-bound, and CUDA graphs remove the launches whatever the kernels."""
@@ -900,10 +902,10 @@ def cudagraphs_backend_holding_parameters_in_place(graph_module, example_inputs)
     """torch.compile's cudagraphs backend, with the forward graph's parameters (and a static cache's tensors) held
     where they are, as inductor's reduce-overhead holds them. The stock backend holds in place only the inputs AOT
     autograd lifted, and torch.compile inlines modules now, so it lifts none: every replay copied each parameter of
-    the policy and the value model into the graph's own buffers first (H200, 2026-11-27: peak memory 13.35 GiB
-    against the eager defaults' 12.41, one copy kernel per parameter per pass). This hands cudagraph trees the
-    static inputs torch.compile itself marked (what inductor hands it) when the forward is recorded; the backward
-    (recorded later, its saved tensors already held in place) is the stock one's."""
+    the policy and the value model into the graph's own buffers first (H200, 2026-11-27, fp32: peak memory 13.35
+    GiB against the eager layout's 12.41 and this backend's 12.58; 0.407 against 0.360 s per update, two calls).
+    This hands cudagraph trees the static inputs torch.compile itself marked (what inductor hands it) when the
+    forward is recorded; the backward (recorded later, its saved tensors already held in place) is the stock one's."""
     from unittest import mock
 
     from torch._dynamo.backends.registry import lookup_backend
@@ -1079,8 +1081,9 @@ def validate(args: Args):
     if args.compile_scope not in COMPILE_SCOPES:
         fail(f"--compile_scope must be {' or '.join(COMPILE_SCOPES)}, got '{args.compile_scope}'.")
     if args.compile_scope == "blocks" and not args.compile_ppo_epochs:
-        fail("--compile_scope blocks says what --compile_ppo_epochs compiles, and it is unset (eager). Set "
-             "--compile_ppo_epochs too (default on a CPU, reduce-overhead on a GPU), or leave --compile_scope whole.")
+        fail("--compile_scope blocks says what --compile_ppo_epochs compiles, and it is none (eager: the default "
+             "without a GPU and in --preset tiny). Set --compile_ppo_epochs too (default on a CPU, reduce-overhead "
+             "on a GPU), or leave --compile_scope whole.")
     if args.logprob_chunk_mib < 0:
         fail(f"--logprob_chunk_mib must be 0 (TRL's row-by-row log-probabilities) or more, "
              f"got {args.logprob_chunk_mib}.")
@@ -1094,7 +1097,8 @@ def validate(args: Args):
 # <shared plumbing>
 # %% Appendix C: shared plumbing. Identical in both scripts (a test compares them), inlined so that each script
 # runs copied alone: settings parsing and presets, clear errors, output-dir protection, checkpoints, interrupts,
-# trackers. Everything here reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
+# trackers. Everything here reads the script's own `Args`, `PRESETS`, `WITHOUT_A_GPU`, `RESUME_MUST_MATCH` and
+# `SCRIPT`.
 import argparse
 import json
 import random
@@ -1112,8 +1116,9 @@ from trl import TrlParser
 
 def parse_args(argv: Optional[list] = None) -> Args:
     """`Args` from the command line and an optional YAML file: flags win over YAML, YAML over the constants in
-    `Args`. A preset changes only defaults, and prints one line with each constant it changed. In a notebook
-    kernel the command line is the kernel's own: it is ignored, and the constants as edited in `Args` are used."""
+    `Args`. A preset changes only defaults, and prints one line with each constant it changed; so does a run
+    without a GPU, for the GPU-only values in WITHOUT_A_GPU. In a notebook kernel the command line is the kernel's
+    own: it is ignored, and the constants as edited in `Args` are used."""
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
     argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
@@ -1127,7 +1132,8 @@ def parse_args(argv: Optional[list] = None) -> Args:
     if base.preset not in (None, *PRESETS):
         fail(f"--preset must be one of {', '.join(PRESETS)}, got {base.preset!r}.")
     preset = PRESETS[base.preset] if base.preset else {}
-    without_a_gpu = {} if on_gpu(base) else {name: value for name, value in WITHOUT_A_GPU.items() if name not in preset}
+    without_a_gpu = {} if on_gpu(base) else {name: instead for name, (gpu_value, instead) in WITHOUT_A_GPU.items()
+                                              if name not in preset and getattr(base, name) == gpu_value}
     args = parse_with_defaults(argv, {**preset, **without_a_gpu}, written) if preset or without_a_gpu else base
     if args.preset == "tiny":
         args.tiny_assets_dir = args.tiny_assets_dir or os.path.join(args.output_dir, "tiny_assets")

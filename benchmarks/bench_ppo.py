@@ -57,7 +57,7 @@ def build_shape_faithful_models(directory: str):
 # Still the script's: its training passes build no KV cache (always on), its prompts come from its own loader.
 TRL_EXAMPLE_BATCH = 64
 TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches", "1", "--tf32", "false",
-                     "--bf16_autocast", "false", "--static_cache_generation", "false",
+                     "--bf16_autocast", "false", "--static_cache_generation", "false", "--compile_ppo_epochs", "none",
                      "--free_memory_each_update", "true", "--logprob_chunk_mib", "0"]
 
 

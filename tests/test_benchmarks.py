@@ -23,6 +23,21 @@ def test_record_prints_one_json_line_and_appends_a_row(tmp_path, monkeypatch, ca
     assert len(rows) == 2 and "seconds_per_update=0.66" in rows[0] and "| dpo |" in rows[1]
 
 
+def test_trl_example_layout_turns_off_every_gpu_lever_of_the_script_defaults(tmp_path, monkeypatch):
+    """--compare_trl_example measures TRL's own one-GPU layout: on a GPU, where the script's defaults decode into a
+    static cache, compile the PPO epochs and run them under bf16 autocast, none of that may leak into it."""
+    import bench_ppo
+    import ppo_gpt2_imdb as ppo
+
+    monkeypatch.setattr(ppo, "on_gpu", lambda args: True)
+    defaults = ppo.parse_args([])
+    assert defaults.static_cache_generation and defaults.compile_ppo_epochs and defaults.bf16_autocast
+    theirs = ppo.parse_args(bench_ppo.TRL_EXAMPLE_FLAGS + ["--output_dir", str(tmp_path / "run")])
+    ppo.validate(theirs)
+    assert not (theirs.static_cache_generation or theirs.compile_ppo_epochs or theirs.bf16_autocast or theirs.tf32)
+    assert theirs.free_memory_each_update and theirs.logprob_chunk_mib == 0
+
+
 def test_step_timer_profiles_one_step_and_records_which_steps_it_cost(tmp_path):
     """The profiled step's operations are counted (here two randn and one matmul per step: the operations they
     call inside are not); a run that ends before the asked step says so in the profile file."""
