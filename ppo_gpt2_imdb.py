@@ -347,7 +347,8 @@ def main(args: Args) -> dict:
         # 4. Train, then save the trained policy at once: nothing trained is lost if anything later fails
         say(f"Training: {trainer.total_updates} PPO updates of {args.batch_size} prompts per process on "
             f"{trainer.accelerator.num_processes} x {trainer.accelerator.device}"
-            + (f", resuming after update {trainer.updates_done} from {checkpoint}" if checkpoint else ""))
+            + (f", resuming after update {trainer.updates_done} from {checkpoint}" if checkpoint else "")
+            + first_update_compiles(args))
         stop.enter("training")
         train_started = time.time()
         try:
@@ -921,6 +922,16 @@ def cudagraphs_backend_holding_parameters_in_place(graph_module, example_inputs)
 
     with mock.patch.object(cudagraph_trees, "cudagraphify_impl", record_holding_parameters_in_place):
         return lookup_backend("cudagraphs")(graph_module, example_inputs)  # the forward is recorded in here
+
+
+def first_update_compiles(args: Args) -> str:
+    """What the Training line adds when the first update compiles (a long first step is not a hang), or ''."""
+    compiled = (["the decode"] if args.static_cache_generation and on_gpu(args) else []) + \
+        (["the PPO epochs' pass"] if args.compile_ppo_epochs else [])
+    if not compiled:
+        return ""
+    return (f"; the first update also compiles {' and '.join(compiled)}, once per run (H200, inductor: decode "
+            f"12-15 s, PPO epochs about 35 s)")
 
 
 def cuda_graph_skips() -> int:

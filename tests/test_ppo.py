@@ -90,6 +90,19 @@ def test_a_run_without_a_gpu_turns_the_gpu_layout_off_says_so_and_explicit_flags
     assert capsys.readouterr().out == "no GPU changes: static_cache_generation True -> False\n"
 
 
+def test_the_training_line_says_when_the_first_update_compiles(monkeypatch):
+    """On a GPU the defaults' first update compiles for about 50 s (H200): the Training line says so, so a long
+    first step does not look like a hang; a run that compiles nothing adds nothing."""
+    monkeypatch.setattr(ppo, "on_gpu", lambda args: True)
+    both = ppo.first_update_compiles(ppo.parse_args([]))
+    assert "compiles the decode and the PPO epochs' pass" in both and "once per run" in both
+    assert "the decode" not in ppo.first_update_compiles(ppo.parse_args(["--static_cache_generation", "false"]))
+    monkeypatch.setattr(ppo, "on_gpu", lambda args: False)  # a CPU decodes uncompiled
+    assert ppo.first_update_compiles(ppo.parse_args([])) == ""
+    epochs = ppo.first_update_compiles(ppo.parse_args(["--compile_ppo_epochs", "default"]))
+    assert "compiles the PPO epochs' pass" in epochs and "decode and" not in epochs
+
+
 # ---------------------------------------------------------------------------------------------- data
 def test_prompts_are_long_reviews_cut_to_2_to_8_tokens_with_disjoint_held_out_set(ppo_assets, tmp_path):
     args = tiny_args(ppo_assets, tmp_path)
