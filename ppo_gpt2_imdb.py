@@ -926,11 +926,11 @@ def cudagraphs_backend_holding_parameters_in_place(graph_module, example_inputs)
 
 def first_update_compiles(args: Args) -> str:
     """What the Training line adds when the first update compiles (a long first step is not a hang), or ''."""
-    compiled = (["the decode"] if args.static_cache_generation and on_gpu(args) else []) + \
+    compiling = (["the decode"] if args.static_cache_generation and on_gpu(args) else []) + \
         (["the PPO epochs' pass"] if args.compile_ppo_epochs else [])
-    if not compiled:
+    if not compiling:
         return ""
-    return (f"; the first update also compiles {' and '.join(compiled)}, once per run (H200, inductor: decode "
+    return (f"; the first update also compiles {' and '.join(compiling)}, once per run (H200, inductor: decode "
             f"12-15 s, PPO epochs about 35 s)")
 
 

@@ -104,7 +104,7 @@ def child(scope: str, args) -> dict:
     return {"first_step_seconds": round(seconds[0], 3), "second_step_seconds": round(seconds[1], 3),
             "steady_seconds_per_step": round(steady, 4), "compiled_blocks": blocks,
             "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-            "cuda_graphs_recorded": cuda_graphs_recorded(), "cuda_graph_skips": counters["inductor"]["cudagraph_skips"],
+            "cuda_graphs_recorded": cuda_graphs_recorded(), "cuda_graph_skips": ppo.cuda_graph_skips(),
             "largest_relative_gradient_difference": float(f"{difference:.2e}"),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None}
 
