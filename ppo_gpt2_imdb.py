@@ -123,9 +123,9 @@ class Args:
     tf32: bool = arg(True, "on an Ampere or newer GPU, run fp32 matmuls on TF32 tensor cores (TRL's PPO ignores bf16)")
     free_memory_each_update: bool = arg(False, "let TRL run gc.collect() and empty the CUDA cache several times "
                                         "per update: lower peak memory for big models, slow for GPT-2")
-    # The GPU layout (H200, GPT-2 shapes, 2026-11-27): these three together 0.230 s per update against 0.518 s for
-    # the eager fp32 layout (2.25x) and 0.790 s for the old code 3f5fb14 (3.43x) in the same call; 8.9 GiB against
-    # 12.4 and 12.8; one IMDB pass about 95 s, its cold compilation (about 50 s) included, against 102 and 154 s;
+    # The GPU layout (H200, GPT-2 shapes, 2026-11-27): these three together 0.236 s per update against 0.526 s for
+    # the eager fp32 layout (2.23x) and 0.681 s for the old code 3f5fb14 (2.89x) in the same call; 8.9 GiB against
+    # 12.4 and 12.8; one IMDB pass 100 s, its cold compilation (54 s) included, against 103 and 133 s;
     # mean |ratio - 1| of the first PPO epoch 2.0e-3 (fp32: 1.3e-4; PPO clips at 0.2). README: Speed on a GPU.
     # A run without a GPU turns the last two off (WITHOUT_A_GPU), as does --preset tiny.
     bf16_autocast: bool = arg(True, "GPU: the PPO epochs' forward passes under bf16 autocast (H200, compiled with "
@@ -146,8 +146,8 @@ class Args:
                                             "default without a GPU")
     compile_scope: str = arg("whole", "with --compile_ppo_epochs: 'whole' compiles the policy and value passes as "
                              "one graph; 'blocks' compiles one transformer block, which serves all of both models "
-                             "(2 CPU cores, GPT-2: cold compile 12 s against 36 s, steady step 9% slower). Blocks "
-                             "not yet measured on a GPU")
+                             "(H200, GPT-2: first update 21 s against 54 s cold, 0.276 s per update against 0.236: "
+                             "sooner for runs under about 4 IMDB passes, e.g. one pass 74 s against 100 s)")
     logprob_chunk_mib: int = arg(32, "log-probabilities over the vocabulary computed this many MiB of logits at a "
                                  "time (TRL: one prompt at a time, several GPU kernels each); 0: TRL's own. Same "
                                  "values; not yet measured on a GPU")

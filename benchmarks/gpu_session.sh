@@ -65,10 +65,15 @@ if [[ $GROUP == ppo ]]; then
   #   whole pass with the static cache and bf16 autocast 0.230 s/update (3.43x in that call, 2.57x against call
   #   1's old code), 8.93 GiB, pass 83.5 s with the decode's compile cached (its cold 12.4 s measured in the row
   #   before). That layout became the defaults.
-  # Now: the defaults first after the old code, so their first update is what a user's first run pays, cold; the
-  # eager fp32 layout; the cudagraphs backend under autocast (17 s first update against about 50 s); the epochs
-  # compiled per block (the lead for the cold cost). Then the defaults once more, 3 updates, to profile update 3:
-  # what is left between 0.23 s and the GPU's busy time.
+  # - 2026-11-27, call 3 (this group as it stands): the old code 0.681 s/update; the defaults, every cache empty,
+  #   0.236 s (2.89x), first update 54.1 s, one pass 99.9 s against 132.9 s, 8.93 GiB; eager fp32 0.526 s; the
+  #   script's cudagraphs backend under autocast 0.310 s; per block 0.266 s (cold, in a fourth call: 0.276 s, first
+  #   update 20.7 s, one pass 74.3 s). Profile of the defaults' update 3: GPU busy 0.137 s of 0.294 s; 3,944 kernel
+  #   launches outside the graphs' replays, from the eager code around them (the rollout's reference, reward and
+  #   value passes in fp32, sampling, advantages): the next lever.
+  # The order: the defaults first after the old code, so their first update is what a user's first run pays, cold;
+  # the eager fp32 layout; the cudagraphs backend under autocast; the epochs compiled per block. Then the defaults
+  # once more, 3 updates, to profile update 3.
   eager="--static_cache_generation false --compile_ppo_epochs none --bf16_autocast false"
   backend="--compile_decode cudagraphs --compile_ppo_epochs cudagraphs"
   part ppo 480 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
