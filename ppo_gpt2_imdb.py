@@ -1262,8 +1262,12 @@ def fail(message: str):
     raise SystemExit("\nerror: " + textwrap.fill(" ".join(message.split()), width=110) + "\n")
 
 
-def offline_hint() -> str:
-    return f"`python {SCRIPT} --preset tiny` runs the whole pipeline offline on tiny local models."
+def offline_hint(name: str) -> str:
+    """For a hub id that could not load: the offline way to try the pipeline. Not for a local path: that is the
+    user's own file (or the tiny preset's), and the tiny preset would not help."""
+    if looks_local(name):
+        return ""
+    return f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline on tiny local models."
 
 
 def looks_local(name: str) -> bool:
@@ -1307,13 +1311,13 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
         return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
                 f"license on its hub page with your account, then give this machine your token "
                 f"(`hf auth login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
-                f"directory. {offline_hint()}")
+                f"directory.{offline_hint(name)}")
     offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
     if any(marker in text.lower() for marker in offline_markers):
         return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
                 f"local cache.{hint} Connect to the internet, or download it elsewhere and set --{setting} to its "
-                f"local directory. {offline_hint()}")
-    return f"Could not load '{name}' ({settings}): {error_summary(err)}.{hint} Check {settings}. {offline_hint()}"
+                f"local directory.{offline_hint(name)}")
+    return f"Could not load '{name}' ({settings}): {error_summary(err)}.{hint} Check {settings}.{offline_hint(name)}"
 
 
 def error_summary(err: BaseException) -> str:
@@ -1331,7 +1335,7 @@ def error_summary(err: BaseException) -> str:
 def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
     """Run `load(name)` and turn missing paths, gated repos and hub outages into one clear paragraph."""
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
-        fail(f"--{setting}={name!r} looks like a local path, but nothing exists there. {offline_hint()}")
+        fail(f"--{setting}={name!r} looks like a local path, but nothing exists there.")
     try:
         return load(os.path.expanduser(name) if looks_local(name) else name)
     except (MemoryError, torch.OutOfMemoryError, AttributeError, NameError, ImportError):

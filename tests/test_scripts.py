@@ -398,6 +398,23 @@ def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_pat
     assert "gated" not in local and "no file named model.safetensors" in local
 
 
+@pytest.mark.parametrize("module", [ppo, dpo], ids=["ppo", "dpo"])
+def test_only_a_hub_name_that_fails_to_load_suggests_the_offline_tiny_preset(module, tmp_path):
+    """A hub id that cannot be loaded (hub down, gated, a bad file) points to `--preset tiny`, the offline way to try
+    the pipeline. A local path is the user's own file or the tiny preset's: suggesting the preset there (as before,
+    even inside a tiny run whose assets were broken) sends the reader nowhere."""
+    offline = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    hub = module.explain_load_error(offline, "someone/model", "model_name_or_path")
+    assert "cannot be reached" in hub and "--preset tiny" in hub
+    broken = OSError("Error no file named model.safetensors found in directory.")
+    for local in (str(tmp_path / "tiny_assets" / "gpt2"), "./outputs/run/checkpoint-2"):
+        message = module.explain_load_error(broken, local, "model_name_or_path")
+        assert "no file named model.safetensors" in message and "--preset tiny" not in message
+    missing = stops_with(r"looks like a local path, but nothing exists there", module.load_or_explain,
+                         lambda name: None, str(tmp_path / "missing"), "model_name_or_path")
+    assert "--preset tiny" not in " ".join(missing.split())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
 def test_an_unreachable_hub_is_said_once_and_fails_fast(script, module, tmp_path):
