@@ -290,11 +290,11 @@ def main(args: Args) -> dict:
     validate(args)
     with StopRequest() as stop:  # Ctrl-C or SIGTERM, from here to the end: see Appendix C
         PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU without a GPU
-        if args.preset == "tiny":
-            with PartialState().main_process_first():  # with several processes, one builds and the others reuse
-                build_tiny_assets(args.tiny_assets_dir)
         check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
         checkpoint = prepare_output_dir(args, checkpoint_marker="trainer_state.json")
+        if args.preset == "tiny":
+            with PartialState().main_process_first():  # after the refusals; one process builds, others reuse
+                build_tiny_assets(args.tiny_assets_dir)
         set_seed(args.seed)
         prepare_tracking(args)
         say = PartialState().print  # progress lines from the main process only
@@ -1006,7 +1006,9 @@ def check_hub_reachable(args, settings: list):
     import threading
     from urllib.parse import urlparse
 
-    names = [getattr(args, setting) for setting in settings if getattr(args, setting)]
+    tiny = args.tiny_assets_dir if args.preset == "tiny" else None  # local, though built only after this check
+    names = [getattr(args, setting) for setting in settings if getattr(args, setting)
+             and not (tiny and getattr(args, setting).startswith(tiny))]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     upload_later = "or drop --push_to_hub and upload the saved model after the run (`hf upload REPO OUTPUT_DIR`)"
     if args.push_to_hub:  # found out before training, not after it
@@ -1056,10 +1058,15 @@ def push_to_hub(model, tokenizer, args) -> Optional[str]:
         print(f"Pushed the trained model and tokenizer to the hub: {repo}")
         return None
     except Exception as err:  # any failure: what was trained is on disk either way
+        # The push uploads the files at the top of the output dir; its folders (checkpoints, tiny assets, PPO's
+        # value_model/, DPO's merged/, written after the push) hold what it did not, and stay out of the upload too.
+        folders = {"checkpoint-*" if name.startswith("checkpoint-") else name for name in (os.listdir(args.output_dir)
+                   if os.path.isdir(args.output_dir) else []) if os.path.isdir(os.path.join(args.output_dir, name))}
+        folders |= {"merged"} if getattr(args, "merge_full_model", False) else set()
+        excludes = "".join(f" --exclude '{folder}/*'" for folder in sorted(folders))
         return (f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {error_summary(err)}). Nothing "
                 f"is lost: the trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub "
-                f"is reachable and you are logged in: `hf upload {repo} {args.output_dir} --exclude 'checkpoint-*/*' "
-                f"--exclude 'tiny_assets/*'`.")
+                f"is reachable and you are logged in: `hf upload {repo} {args.output_dir}{excludes}`.")
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:

@@ -10,7 +10,7 @@ import pytest
 
 import dpo_llama2_stackexchange as dpo
 import ppo_gpt2_imdb as ppo
-from helpers import DPO_SCRIPT, PPO_SCRIPT, REPO, run_cli, stops_with
+from helpers import DPO_SCRIPT, PPO_SCRIPT, REPO, run_cli, stops_with, tiny_argv
 
 SCRIPTS = [(PPO_SCRIPT, ppo), (DPO_SCRIPT, dpo)]
 
@@ -345,10 +345,20 @@ def test_push_to_hub_is_refused_before_training_where_it_cannot_work_and_a_faile
 
     failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop_silently), None, args)
     assert "failed (ConnectionError: ConnectionError)" in failed and "empty file" not in failed  # a reader's hint
+    for folder in ("checkpoint-2", "checkpoint-4", "tiny_assets", "value_model"):  # what the push did not upload
+        os.makedirs(tmp_path / "run" / folder)
     failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)  # for the run to stop with, last
     assert re.search(r"--push_to_hub: uploading to 'me/model' failed \(ConnectionError: Name or service not known\). "
                      r"Nothing is lost: the trained model and eval.json are saved in .*`hf upload me/model .*run",
                      " ".join(failed.split()))
+    # The upload command leaves out every folder (before, value_model/ went up with the policy): the files left
+    # are the ones the push uploads, and eval.json and settings.json. DPO's merged/ is written after the push.
+    if module is dpo:
+        args.merge_full_model = True
+        failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)
+    merged = " --exclude 'merged/*'" if module is dpo else ""
+    assert " ".join(failed.split()).endswith(
+        f"run --exclude 'checkpoint-*/*'{merged} --exclude 'tiny_assets/*' --exclude 'value_model/*'`.")
 
 
 def test_the_tiny_preset_says_it_builds_before_the_wait_and_nothing_once_built(ppo_assets, dpo_assets, tmp_path,
@@ -413,6 +423,38 @@ def test_only_a_hub_name_that_fails_to_load_suggests_the_offline_tiny_preset(mod
     missing = stops_with(r"looks like a local path, but nothing exists there", module.load_or_explain,
                          lambda name: None, str(tmp_path / "missing"), "model_name_or_path")
     assert "--preset tiny" not in " ".join(missing.split())
+
+
+@pytest.mark.parametrize("module", [ppo, dpo], ids=["ppo", "dpo"])
+def test_a_tiny_run_over_a_finished_run_is_refused_before_the_tiny_assets_are_built(module, tmp_path):
+    """The refusal to overwrite a finished run comes before anything is built or written: before, a tiny run with
+    fresh --tiny_assets_dir built its models and data (about a minute on 2 cores) and only then refused. The
+    refusal now takes no build, and the assets folder is never made."""
+    finished, assets = tmp_path / "finished", tmp_path / "fresh_assets"
+    finished.mkdir()
+    (finished / "eval.json").write_text("{}")
+    stops_with(r"holds a finished run .* a new run would overwrite it. Nothing was changed", module.main,
+               module.parse_args(tiny_argv(assets, finished)))
+    assert not assets.exists() and os.listdir(finished) == ["eval.json"]
+
+
+@pytest.mark.parametrize("module", [ppo, dpo], ids=["ppo", "dpo"])
+def test_a_tiny_runs_names_count_as_local_before_its_assets_are_built(module, tmp_path, monkeypatch, capsys):
+    """The tiny assets are built after the hub check now, so a relative --tiny_assets_dir ('tiny' makes
+    'tiny/gpt2', which reads as a hub id until the folder exists) must not send the check to the hub."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: refused at once
+    import datasets
+    import huggingface_hub
+
+    for holder in (huggingface_hub.constants, datasets.config):  # restored after the test, whatever the check sets
+        monkeypatch.setattr(holder, "HF_HUB_OFFLINE", holder.HF_HUB_OFFLINE)
+    args = module.parse_args(["--preset", "tiny", "--tiny_assets_dir", "tiny", "--output_dir", "out"])
+    assert not module.looks_local(args.model_name_or_path)  # as a bare name, it would read as a hub id
+    capsys.readouterr()
+    module.check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
+    assert "cannot be reached" not in capsys.readouterr().out and os.environ["HF_HUB_OFFLINE"] == "0"
 
 
 @pytest.mark.slow
