@@ -7,7 +7,9 @@
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 8 min; carry the liger-kernel wheel
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old compile   # about 6 min: regional compilation, the
-#                                                                       # cudagraphs backend, TRL's log-probabilities
+#                                                                       # cudagraphs backend
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old logprobs  # about 6 min: TRL's log-probabilities
+#                                                                       # against the script's chunks
 # Each part runs on its own (a layout that fails gets a row saying why, and the rest still runs); a part that cannot
 # finish before DEADLINE seconds (default 570) is skipped, not cut off. Timed rows come first, profiles last. Logs,
 # the RESULTS.md rows and all profiles (in one file, profiles.txt: the device tool returns at most 8 files) land in
@@ -15,8 +17,8 @@
 set -u
 BASELINE=${1:-.old}
 GROUP=${2:-}
-if [[ $GROUP != ppo && $GROUP != dpo && $GROUP != compile ]]; then
-  echo "usage: bash benchmarks/gpu_session.sh BASELINE_DIR ppo|dpo|compile   (one group per call)"
+if [[ $GROUP != ppo && $GROUP != dpo && $GROUP != compile && $GROUP != logprobs ]]; then
+  echo "usage: bash benchmarks/gpu_session.sh BASELINE_DIR ppo|dpo|compile|logprobs   (one group per call)"
   exit 2
 fi
 if [[ ! -f $BASELINE/ppo_gpt2_imdb.py || ! -f $BASELINE/dpo_llama2_stackexchange.py ]]; then
@@ -105,7 +107,17 @@ if [[ $GROUP == compile ]]; then
   part compile_cudagraphs_backend 150 python3 benchmarks/bench_compile.py --device cuda --mode cudagraphs \
     --scopes blocks,whole
   part compile 330 python3 benchmarks/bench_compile.py --device cuda
-  # The script's chunked log-probabilities (--logprob_chunk_mib 32, the default) against TRL's row-by-row loop.
-  part trl_logprobs 90 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
-    --variant "trl-logprobs: --logprob_chunk_mib 0"
+fi
+
+if [[ $GROUP == logprobs ]]; then
+  # The script's chunked log-probabilities (--logprob_chunk_mib 32, the default) against TRL's row-by-row loop
+  # (--logprob_chunk_mib 0). 2026-11-27, fifth call, eager fp32 layout, chunks first: TRL's ran faster, 0.478
+  # against 0.534 s/update, all in the rollout (0.188 against 0.248 s); unexplained, as the chunks make fewer, larger
+  # reductions. Here each layout runs chunks, TRL's, chunks again (the order's own effect shows as the difference
+  # between the two chunked rows), eager fp32 first, then the defaults (their first row compiles cold).
+  eager="--static_cache_generation false --compile_ppo_epochs none --bf16_autocast false"
+  part logprobs_eager 160 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
+    --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:" -- $eager
+  part logprobs_defaults 330 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 \
+    --work_dir "$W/ppo" --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:"
 fi

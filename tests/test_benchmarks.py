@@ -359,8 +359,11 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
     assert "== dpo: exit 0" in ran.stdout and "== dpo_batch1: exit 0" in ran.stdout and "stub {'s': 1}" in ran.stdout
     assert (tmp_path / "out" / "RESULTS.md").exists() and (tmp_path / "out" / "profiles.txt").exists()
     compiled = session(str(baseline), "compile")
-    for part in ("compile_cudagraphs_backend", "compile", "trl_logprobs"):
+    for part in ("compile_cudagraphs_backend", "compile"):
         assert f"== {part}: exit 0" in compiled.stdout
+    logprobs = session(str(baseline), "logprobs")
+    for part in ("logprobs_eager", "logprobs_defaults"):
+        assert f"== {part}: exit 0" in logprobs.stdout
     assert session(str(baseline), "ppo").returncode == 0
     # Every setting a variant names is one of the script's (a misspelt one would cost a GPU session its row).
     commands = [line.rstrip("\t").split("\t") for line in calls.read_text().splitlines()]
