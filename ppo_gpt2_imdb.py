@@ -926,13 +926,15 @@ def cudagraphs_backend_holding_parameters_in_place(graph_module, example_inputs)
 
 
 def first_update_compiles(args: Args) -> str:
-    """What the Training line adds when the first update compiles (a long first step is not a hang), or ''."""
-    compiling = (["the decode"] if args.static_cache_generation and on_gpu(args) else []) + \
-        (["the PPO epochs' pass"] if args.compile_ppo_epochs else [])
+    """What the Training line adds when the first update compiles (a long first step is not a hang), or ''. The
+    seconds are the H200's, cold, in four calls (benchmarks/RESULTS.md)."""
+    decode = args.static_cache_generation and on_gpu(args)
+    epochs = "about 6 s, one block" if args.compile_scope == "blocks" else "35-55 s"
+    compiling = (["the decode (12-15 s)"] if decode else []) + \
+        ([f"the PPO epochs' pass ({epochs})"] if args.compile_ppo_epochs else [])
     if not compiling:
         return ""
-    return (f"; the first update also compiles {' and '.join(compiling)}, once per run (H200, inductor: decode "
-            f"12-15 s, PPO epochs about 35 s)")
+    return f"; the first update also compiles {' and '.join(compiling)}, once per run (seconds on an H200)"
 
 
 def cuda_graph_skips() -> int:
