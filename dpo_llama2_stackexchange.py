@@ -1006,9 +1006,10 @@ def check_hub_reachable(args, settings: list):
     import threading
     from urllib.parse import urlparse
 
-    tiny = args.tiny_assets_dir if args.preset == "tiny" else None  # local, though built only after this check
-    names = [getattr(args, setting) for setting in settings if getattr(args, setting)
-             and not (tiny and getattr(args, setting).startswith(tiny))]
+    names = [getattr(args, setting) for setting in settings if getattr(args, setting)]
+    if args.preset == "tiny" and args.tiny_assets_dir:  # its names are local, though built only after this check
+        tiny = os.path.normpath(args.tiny_assets_dir) + os.sep
+        names = [name for name in names if not os.path.normpath(name).startswith(tiny)]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     upload_later = "or drop --push_to_hub and upload the saved model after the run (`hf upload REPO OUTPUT_DIR`)"
     if args.push_to_hub:  # found out before training, not after it
@@ -1064,9 +1065,10 @@ def push_to_hub(model, tokenizer, args) -> Optional[str]:
                    if os.path.isdir(args.output_dir) else []) if os.path.isdir(os.path.join(args.output_dir, name))}
         folders |= {"merged"} if getattr(args, "merge_full_model", False) else set()
         excludes = "".join(f" --exclude '{folder}/*'" for folder in sorted(folders))
+        import shlex  # a path with spaces stays one argument of the command
         return (f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {error_summary(err)}). Nothing "
                 f"is lost: the trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub "
-                f"is reachable and you are logged in: `hf upload {repo} {args.output_dir}{excludes}`.")
+                f"is reachable and you are logged in: `hf upload {repo} {shlex.quote(args.output_dir)}{excludes}`.")
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:

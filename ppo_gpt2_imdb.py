@@ -140,14 +140,14 @@ class Args:
                               "--compile_ppo_epochs mode. A CPU decodes uncompiled")
     compile_ppo_epochs: Optional[str] = arg("reduce-overhead", "torch.compile mode for the policy and value passes "
                                             "of the PPO epochs: default, reduce-overhead (GPU: CUDA graphs too; "
-                                            "H200 about 35 s once), max-autotune, or cudagraphs (GPU: CUDA graphs "
+                                            "H200 35-55 s once), max-autotune, or cudagraphs (GPU: CUDA graphs "
                                             "of the eager kernels, traced in about 10 s; with bf16 autocast 0.317 s "
                                             "per update against reduce-overhead's 0.230); none: eager, the "
                                             "default without a GPU")
     compile_scope: str = arg("whole", "with --compile_ppo_epochs: 'whole' compiles the policy and value passes as "
                              "one graph; 'blocks' compiles one transformer block, which serves all of both models "
                              "(H200, GPT-2: first update 21 s against 54 s cold, 0.276 s per update against 0.236: "
-                             "sooner for runs under about 4 IMDB passes, e.g. one pass 74 s against 100 s)")
+                             "sooner for runs under about 4-6 IMDB passes, e.g. one pass 74 s against 100 s)")
     logprob_chunk_mib: int = arg(32, "log-probabilities over the vocabulary computed this many MiB of logits at a "
                                  "time (TRL: one prompt at a time, several GPU kernels each); 0: TRL's own. Same "
                                  "values; on an H200 (eager fp32, one call) TRL's ran faster, 0.48 against 0.53 s "
@@ -884,7 +884,7 @@ CUDA_GRAPHS_OF_EAGER_KERNELS = "cudagraphs"  # the compile mode that is torch.co
 
 def compile_modes() -> list:
     """What --compile_ppo_epochs and --compile_decode may name: torch.compile's modes, each compiled by inductor
-    (fused kernels generated and compiled: on an H200 about 35 s for the PPO epochs' pass and 12-15 s for the decode),
+    (fused kernels generated and compiled: on an H200 35-55 s for the PPO epochs' pass and 12-15 s for the decode),
     and 'cudagraphs', torch.compile's cudagraphs backend: the traced forward and backward run the eager kernels,
     replayed as CUDA graphs. Nothing is generated, so it costs the tracing only; at GPT-2's size the update is
     launch-bound, and CUDA graphs remove the launches whatever the kernels."""
@@ -927,11 +927,15 @@ def cudagraphs_backend_holding_parameters_in_place(graph_module, example_inputs)
 
 def first_update_compiles(args: Args) -> str:
     """What the Training line adds when the first update compiles (a long first step is not a hang), or ''. The
-    seconds are the H200's, cold, in four calls (benchmarks/RESULTS.md)."""
+    seconds are the H200's, cold (benchmarks/RESULTS.md); max-autotune was never measured."""
+    def cold(mode: str, inductor: str, traced: str) -> str:
+        return {CUDA_GRAPHS_OF_EAGER_KERNELS: f" ({traced})", "max-autotune": ""}.get(mode, f" ({inductor})")
+
     decode = args.static_cache_generation and on_gpu(args)
     epochs = "about 6 s, one block" if args.compile_scope == "blocks" else "35-55 s"
-    compiling = (["the decode (12-15 s)"] if decode else []) + \
-        ([f"the PPO epochs' pass ({epochs})"] if args.compile_ppo_epochs else [])
+    compiling = ([f"the decode{cold(args.compile_decode, '12-15 s', 'about 4 s')}"] if decode else []) + \
+        ([f"the PPO epochs' pass{cold(args.compile_ppo_epochs, epochs, 'about 10 s')}"] if args.compile_ppo_epochs
+         else [])
     if not compiling:
         return ""
     return f"; the first update also compiles {' and '.join(compiling)}, once per run (seconds on an H200)"
@@ -1408,9 +1412,10 @@ def check_hub_reachable(args, settings: list):
     import threading
     from urllib.parse import urlparse
 
-    tiny = args.tiny_assets_dir if args.preset == "tiny" else None  # local, though built only after this check
-    names = [getattr(args, setting) for setting in settings if getattr(args, setting)
-             and not (tiny and getattr(args, setting).startswith(tiny))]
+    names = [getattr(args, setting) for setting in settings if getattr(args, setting)]
+    if args.preset == "tiny" and args.tiny_assets_dir:  # its names are local, though built only after this check
+        tiny = os.path.normpath(args.tiny_assets_dir) + os.sep
+        names = [name for name in names if not os.path.normpath(name).startswith(tiny)]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     upload_later = "or drop --push_to_hub and upload the saved model after the run (`hf upload REPO OUTPUT_DIR`)"
     if args.push_to_hub:  # found out before training, not after it
@@ -1466,9 +1471,10 @@ def push_to_hub(model, tokenizer, args) -> Optional[str]:
                    if os.path.isdir(args.output_dir) else []) if os.path.isdir(os.path.join(args.output_dir, name))}
         folders |= {"merged"} if getattr(args, "merge_full_model", False) else set()
         excludes = "".join(f" --exclude '{folder}/*'" for folder in sorted(folders))
+        import shlex  # a path with spaces stays one argument of the command
         return (f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {error_summary(err)}). Nothing "
                 f"is lost: the trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub "
-                f"is reachable and you are logged in: `hf upload {repo} {args.output_dir}{excludes}`.")
+                f"is reachable and you are logged in: `hf upload {repo} {shlex.quote(args.output_dir)}{excludes}`.")
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:

@@ -6,7 +6,7 @@
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old ppo    # about 7 min
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old dpo    # about 8 min; carry the liger-kernel wheel
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
-#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old compile   # about 6 min: regional compilation, the
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old compile   # up to 8 min: regional compilation, the
 #                                                                       # cudagraphs backend
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old logprobs  # about 6 min: TRL's log-probabilities
 #                                                                       # against the script's chunks
@@ -70,8 +70,8 @@ if [[ $GROUP == ppo ]]; then
   # - 2026-11-27, call 3 (this group as it stands): the old code 0.681 s/update; the defaults, every cache empty,
   #   0.236 s (2.89x), first update 54.1 s, one pass 99.9 s against 132.9 s, 8.93 GiB; eager fp32 0.526 s; the
   #   script's cudagraphs backend under autocast 0.310 s; per block 0.266 s (cold, in a fourth call: 0.276 s, first
-  #   update 20.7 s, one pass 74.3 s). Profile of the defaults' update 3: GPU busy 0.137 s of 0.294 s; 3,944 kernel
-  #   launches outside the graphs' replays, from the eager code around them (the rollout's reference, reward and
+  #   update 20.7 s, one pass 74.3 s). Profile of the defaults' update 3: GPU busy 0.137 s of 0.294 s; 3,944
+  #   cudaLaunchKernel calls beside 23 graph replays (profiles.txt), from the eager code around the graphs (the rollout's reference, reward and
   #   value passes in fp32, sampling, advantages): the next lever.
   # The order: the defaults first after the old code, so their first update is what a user's first run pays, cold;
   # the eager fp32 layout; the cudagraphs backend under autocast; the epochs compiled per block. Then the defaults
@@ -118,6 +118,6 @@ if [[ $GROUP == logprobs ]]; then
   eager="--static_cache_generation false --compile_ppo_epochs none --bf16_autocast false"
   part logprobs_eager 160 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:" -- $eager
-  part logprobs_defaults 330 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 \
+  part logprobs_defaults 400 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 \
     --work_dir "$W/ppo" --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:"
 fi

@@ -370,6 +370,12 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
     variants = [flags for command in commands for option, flags in zip(command, command[1:]) if option == "--variant"]
     assert any("static-cache-cudagraphs-backend" in variant for variant in variants), variants
     settings = {flag[2:] for variant in variants for flag in variant.partition(":")[2].split() if flag.startswith("--")}
+    # The logprobs group: chunks, TRL's, chunks again, once in the eager fp32 layout (its flags after --) and once
+    # at the defaults (nothing after --).
+    logprob_runs = [command for command in commands if "chunks-again:" in command]
+    assert len(logprob_runs) == 2 and all("trl-logprobs: --logprob_chunk_mib 0" in run for run in logprob_runs)
+    assert [run[run.index("--") + 1:] if "--" in run else [] for run in logprob_runs] == [
+        ["--static_cache_generation", "false", "--compile_ppo_epochs", "none", "--bf16_autocast", "false"], []]
     ppo_settings, dpo_settings = ({field.name for field in dataclasses.fields(module.Args)} for module in (ppo, dpo))
     assert settings and settings <= ppo_settings | dpo_settings, settings - ppo_settings - dpo_settings
 

@@ -99,6 +99,9 @@ def test_the_training_line_says_when_the_first_update_compiles(monkeypatch):
     assert "compiles the decode (12-15 s) and the PPO epochs' pass (35-55 s), once per run" in both
     blocks = ppo.first_update_compiles(ppo.parse_args(["--compile_scope", "blocks"]))
     assert "the PPO epochs' pass (about 6 s, one block)" in blocks
+    traced = ppo.first_update_compiles(ppo.parse_args(["--compile_decode", "cudagraphs", "--compile_ppo_epochs",
+                                                       "cudagraphs"]))  # the cudagraphs backend: tracing only
+    assert "the decode (about 4 s) and the PPO epochs' pass (about 10 s)" in traced
     assert "the decode" not in ppo.first_update_compiles(ppo.parse_args(["--static_cache_generation", "false"]))
     monkeypatch.setattr(ppo, "on_gpu", lambda args: False)  # a CPU decodes uncompiled
     assert ppo.first_update_compiles(ppo.parse_args([])) == ""
@@ -593,7 +596,7 @@ def test_the_cudagraphs_mode_hands_the_ppo_pass_to_the_cudagraphs_backend_in_one
                                                                                       scope):
     """--compile_ppo_epochs cudagraphs (H200, with the static cache: 0.360 s per update in fp32, first update 20 s
     against inductor's 39 s under autocast): torch.compile's cudagraphs backend replays the eager kernels of the
-    traced forward and backward as CUDA graphs and generates no code, which is most of the 35-40 s the PPO epochs'
+    traced forward and backward as CUDA graphs and generates no code, which is most of the 35-55 s the PPO epochs'
     graph compiles for, cold, on an H200. On a CPU it records no CUDA graph (it counts a skip)
     and runs the AOT trace: the backend gets one graph, whole or one block's serving all four blocks, with no break
     and no mode, and the outputs and gradients are eager ones (measured: largest difference 0.0 on 2 CPU cores,

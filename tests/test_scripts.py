@@ -359,6 +359,9 @@ def test_push_to_hub_is_refused_before_training_where_it_cannot_work_and_a_faile
     merged = " --exclude 'merged/*'" if module is dpo else ""
     assert " ".join(failed.split()).endswith(
         f"run --exclude 'checkpoint-*/*'{merged} --exclude 'tiny_assets/*' --exclude 'value_model/*'`.")
+    args.output_dir = str(tmp_path / "my run")  # a path with a space stays one argument of the command
+    os.makedirs(args.output_dir)
+    assert f"`hf upload me/model '{tmp_path}/my run'" in module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)
 
 
 def test_the_tiny_preset_says_it_builds_before_the_wait_and_nothing_once_built(ppo_assets, dpo_assets, tmp_path,
@@ -455,6 +458,9 @@ def test_a_tiny_runs_names_count_as_local_before_its_assets_are_built(module, tm
     capsys.readouterr()
     module.check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
     assert "cannot be reached" not in capsys.readouterr().out and os.environ["HF_HUB_OFFLINE"] == "0"
+    args.model_name_or_path = "tinyorg/model"  # a hub id that merely begins with the folder's name is still asked
+    module.check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
+    assert "cannot be reached" in capsys.readouterr().out
 
 
 @pytest.mark.slow
