@@ -8,7 +8,7 @@
 #                                                                    # (fetch-wheels.sh liger-kernel==0.8.5)
 #   source .whl/env.sh && bash benchmarks/gpu_session.sh .old compile   # up to 8 min: regional compilation, the
 #                                                                       # cudagraphs backend
-#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old logprobs  # about 6 min: TRL's log-probabilities
+#   source .whl/env.sh && bash benchmarks/gpu_session.sh .old logprobs  # up to 9 min: TRL's log-probabilities
 #                                                                       # against the script's chunks
 # Each part runs on its own (a layout that fails gets a row saying why, and the rest still runs); a part that cannot
 # finish before DEADLINE seconds (default 570) is skipped, not cut off. Timed rows come first, profiles last. Logs,
@@ -114,10 +114,13 @@ if [[ $GROUP == logprobs ]]; then
   # (--logprob_chunk_mib 0). 2026-11-27, fifth call, eager fp32 layout, chunks first: TRL's ran faster, 0.478
   # against 0.534 s/update, all in the rollout (0.188 against 0.248 s); unexplained, as the chunks make fewer, larger
   # reductions. Here each layout runs chunks, TRL's, chunks again (the order's own effect shows as the difference
-  # between the two chunked rows), eager fp32 first, then the defaults (their first row compiles cold).
+  # between the two chunked rows), eager fp32 first, then the defaults (their first row compiles cold). The eager
+  # part adds 4 MiB chunks (about one prompt's logits at GPT-2 shapes, as TRL's rows are): if they run as fast as
+  # TRL's, the chunk's size is the cause, not the code.
   eager="--static_cache_generation false --compile_ppo_epochs none --bf16_autocast false"
-  part logprobs_eager 160 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
-    --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:" -- $eager
-  part logprobs_defaults 400 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 \
+  part logprobs_eager 200 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
+    --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:" \
+    --variant "chunks-4mib: --logprob_chunk_mib 4" -- $eager
+  part logprobs_defaults 360 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 \
     --work_dir "$W/ppo" --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:"
 fi
