@@ -714,6 +714,7 @@ def check_enough_pairs(args: Args, pairs: int):
 import argparse
 import json
 import random
+import shlex
 import signal
 import sys
 import textwrap
@@ -1061,14 +1062,15 @@ def push_to_hub(model, tokenizer, args) -> Optional[str]:
     except Exception as err:  # any failure: what was trained is on disk either way
         # The push uploads the files at the top of the output dir; its folders (checkpoints, tiny assets, PPO's
         # value_model/, DPO's merged/, written after the push) hold what it did not, and stay out of the upload too.
-        folders = {"checkpoint-*" if name.startswith("checkpoint-") else name for name in (os.listdir(args.output_dir)
-                   if os.path.isdir(args.output_dir) else []) if os.path.isdir(os.path.join(args.output_dir, name))}
+        directory = args.output_dir
+        entries = os.listdir(directory) if os.path.isdir(directory) else []
+        folders = {"checkpoint-*" if name.startswith("checkpoint-") else name for name in entries
+                   if os.path.isdir(os.path.join(directory, name))}
         folders |= {"merged"} if getattr(args, "merge_full_model", False) else set()
         excludes = "".join(f" --exclude '{folder}/*'" for folder in sorted(folders))
-        import shlex  # a path with spaces stays one argument of the command
         return (f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {error_summary(err)}). Nothing "
                 f"is lost: the trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub "
-                f"is reachable and you are logged in: `hf upload {repo} {shlex.quote(args.output_dir)}{excludes}`.")
+                f"is reachable and you are logged in: `hf upload {repo} {shlex.quote(directory)}{excludes}`.")
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
@@ -1361,8 +1363,6 @@ def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
     """The command line of this run, resuming from `checkpoint`: launched the same way (as many processes), without
     its own --resume (bare, with a value or --resume=PATH) and without --overwrite_output_dir, which would delete
     the checkpoints."""
-    import shlex
-
     argv, kept, skip = list(sys.argv[1:] if argv is None else argv), [], False
     for i, token in enumerate(argv):
         if skip:

@@ -29,6 +29,7 @@ fi
 DEADLINE=${DEADLINE:-570}
 OUT=${OUT:-/tmp/gpu_session}
 W=/tmp/bench_work
+EAGER_FP32="--static_cache_generation false --compile_ppo_epochs none --bf16_autocast false"  # the old defaults' layout
 mkdir -p "$OUT" "$W/ppo" "$W/dpo"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 part() {  # part NAME SECONDS COMMAND...
@@ -71,16 +72,15 @@ if [[ $GROUP == ppo ]]; then
   #   0.236 s (2.89x), first update 54.1 s, one pass 99.9 s against 132.9 s, 8.93 GiB; eager fp32 0.526 s; the
   #   script's cudagraphs backend under autocast 0.310 s; per block 0.266 s (cold, in a fourth call: 0.276 s, first
   #   update 20.7 s, one pass 74.3 s). Profile of the defaults' update 3: GPU busy 0.137 s of 0.294 s; 3,944
-  #   cudaLaunchKernel calls beside 23 graph replays (profiles.txt), from the eager code around the graphs (the rollout's reference, reward and
-  #   value passes in fp32, sampling, advantages): the next lever.
+  #   cudaLaunchKernel calls beside 23 graph replays (profiles.txt), from the eager code around the graphs (the
+  #   rollout's reference, reward and value passes in fp32, sampling, advantages): the next lever.
   # The order: the defaults first after the old code, so their first update is what a user's first run pays, cold;
   # the eager fp32 layout; the cudagraphs backend under autocast; the epochs compiled per block. Then the defaults
   # once more, 3 updates, to profile update 3.
-  eager="--static_cache_generation false --compile_ppo_epochs none --bf16_autocast false"
   backend="--compile_decode cudagraphs --compile_ppo_epochs cudagraphs"
   part ppo 480 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --baseline "$BASELINE" --profile_step 3 --profile_layouts script-defaults \
-    --variant "eager-fp32: $eager" \
+    --variant "eager-fp32: $EAGER_FP32" \
     --variant "static-cache-cudagraphs-backend-bf16: $backend" \
     --variant "static-cache-blocks-cudagraphs-bf16: --compile_scope blocks"
 fi
@@ -117,10 +117,9 @@ if [[ $GROUP == logprobs ]]; then
   # between the two chunked rows), eager fp32 first, then the defaults (their first row compiles cold). The eager
   # part adds 4 MiB chunks (about one prompt's logits at GPT-2 shapes, as TRL's rows are): if they run as fast as
   # TRL's, the chunk's size is the cause, not the code.
-  eager="--static_cache_generation false --compile_ppo_epochs none --bf16_autocast false"
   part logprobs_eager 200 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 --work_dir "$W/ppo" \
     --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:" \
-    --variant "chunks-4mib: --logprob_chunk_mib 4" -- $eager
+    --variant "chunks-4mib: --logprob_chunk_mib 4" -- $EAGER_FP32
   part logprobs_defaults 360 python3 benchmarks/bench_ppo.py --arch gpt2 --device cuda --updates 12 \
     --work_dir "$W/ppo" --variant "trl-logprobs: --logprob_chunk_mib 0" --variant "chunks-again:"
 fi

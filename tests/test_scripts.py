@@ -361,7 +361,8 @@ def test_push_to_hub_is_refused_before_training_where_it_cannot_work_and_a_faile
         f"run --exclude 'checkpoint-*/*'{merged} --exclude 'tiny_assets/*' --exclude 'value_model/*'`.")
     args.output_dir = str(tmp_path / "my run")  # a path with a space stays one argument of the command
     os.makedirs(args.output_dir)
-    assert f"`hf upload me/model '{tmp_path}/my run'" in module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)
+    failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)
+    assert f"`hf upload me/model '{tmp_path}/my run'" in failed
 
 
 def test_the_tiny_preset_says_it_builds_before_the_wait_and_nothing_once_built(ppo_assets, dpo_assets, tmp_path,
