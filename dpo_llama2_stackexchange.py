@@ -1,17 +1,12 @@
-"""DPO fine-tunes Llama 2 7B, loaded in 4-bit NF4 with LoRA adapters, on Stack Exchange answer preferences.
-
-Each pair is a question from lvwerra/stack-exchange-paired with a preferred answer (response_j) and a less
-preferred one (response_k). TRL's DPOTrainer trains LoRA adapters on the 4-bit base; the reference policy is the
-same base with the adapters switched off, so only one copy of the 7B weights is ever in memory.
+"""DPO fine-tunes Llama 2 7B, in 4-bit NF4 with LoRA adapters, on lvwerra/stack-exchange-paired: a question, a
+preferred answer (response_j) and a less preferred one (response_k). The reference policy is the same base with the
+adapters off, so only one copy of the 7B weights is ever in memory.
 
     python dpo_llama2_stackexchange.py --preset tiny --output_dir outputs/dpo_tiny   # offline, CPU, ~1 minute
-    python dpo_llama2_stackexchange.py                                               # the real run (GPU, HF token)
-    python dpo_llama2_stackexchange.py --model_name_or_path path/to/sft_checkpoint --beta 0.2
+    python dpo_llama2_stackexchange.py --beta 0.2 --config my.yaml                   # the real run (GPU, HF token)
 
-The constants in `Args` are the interface: edit them, or override any with `--name value` or a YAML file. A preset
-changes only defaults and prints what it changed. The file is also a notebook (`# %%` cells, percent format): open
-it in VS Code, PyCharm or Jupyter (`jupytext --to notebook dpo_llama2_stackexchange.py`); "Run all" trains with the
-constants as edited here. Read down to the first appendix for the whole recipe; the appendices are machinery.
+The constants in `Args` are the interface: edit them, or override any with `--name value` or a YAML file. The file
+is also a notebook (`# %%` cells): "Run all" trains with them as edited. The recipe reads down to the first appendix.
 """
 
 # %% Imports (each appendix imports what only it needs)
@@ -32,7 +27,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # CPU kernels notice (bitsandbytes#2064)
 warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|generation_config).*", category=FutureWarning)
@@ -41,8 +36,8 @@ import torch
 from accelerate import PartialState
 from datasets import load_dataset
 from datasets.utils.logging import disable_progress_bar
-from peft import LoraConfig
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+from peft import LoraConfig, PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, set_seed
 from transformers.utils import logging as transformers_logging
 from trl import DPOConfig
 
@@ -60,7 +55,7 @@ def arg(default, help):
 # %% Settings: the constants of a run. Defaults follow TRL's stack_llama_2 DPO recipe.
 @dataclass
 class Args:
-    preset: Optional[str] = arg(None, "'tiny': build a tiny local Llama and preference set and run offline on a CPU")
+    preset: Optional[Literal["tiny"]] = arg(None, "tiny: build a tiny local Llama and preference set, run offline")
     seed: int = arg(0, "seed for sampling, LoRA initialisation and data order: a run is reproducible from it")
     output_dir: str = arg("outputs/dpo_llama2_stackexchange", "where the adapter, tokenizer and eval.json go")
 
@@ -72,9 +67,7 @@ class Args:
     lora_dropout: float = arg(0.05, "dropout on the LoRA path")
     lora_target_modules: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                    "comma-separated modules that get adapters: all of Llama's attention and MLP")
-    gradient_checkpointing: bool = arg(True, "recompute activations in backward: far less memory, ~30% slower")
-    upcast_non_quantized: bool = arg(False, "fp32 copies of embeddings, norms, lm_head (peft's kbit preparation). "
-                                     "Off: bf16 on a GPU, 1.28x faster steps on an H200; no effect on a CPU")
+    gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass: less memory, more compute")
 
     # Data
     dataset_name: str = arg("lvwerra/stack-exchange-paired", "preference dataset: hub id or local directory")
@@ -90,20 +83,21 @@ class Args:
     beta: float = arg(0.1, "DPO temperature: how far the policy may move from the reference")
     learning_rate: float = arg(5e-4, "peak learning rate of the LoRA weights")
     lr_scheduler_type: str = arg("cosine", "learning rate schedule after warmup")
-    warmup_steps: int = arg(100, "linear warmup steps")
+    warmup_steps: int = arg(100, "linear warmup, in optimizer steps")
     weight_decay: float = arg(0.05, "AdamW weight decay")
-    optim: str = arg("paged_adamw_32bit", "optimizer (paged AdamW moves optimizer state to CPU under memory pressure)")
+    optim: str = arg("paged_adamw_32bit", "optimizer, by transformers' name (paged: its state can move to CPU memory)")
     per_device_train_batch_size: int = arg(4, "pairs per device per forward pass")
-    per_device_eval_batch_size: int = arg(1, "pairs per device per evaluation forward pass")
+    per_device_eval_batch_size: int = arg(1, "pairs per device per forward pass of the evaluations during training")
     gradient_accumulation_steps: int = arg(4, "forward passes per optimizer step")
     max_steps: int = arg(1000, "optimizer steps to train")
 
     # Evaluation
     num_eval_generations: int = arg(3, "held-out questions answered by the base and the trained model")
-    max_new_tokens: int = arg(128, "length of those generated answers")
+    max_new_tokens: int = arg(128, "most new tokens in each of those answers")
 
     # Tracking and saving
-    report_to: str = arg("wandb", "wandb, tensorboard or none (wandb without credentials logs offline to ./wandb)")
+    report_to: Literal["wandb", "tensorboard", "none"] = arg("wandb", "tracker (wandb without credentials logs "
+                                                             "offline to ./wandb)")
     wandb_project: str = arg("dpo_llama2_stackexchange", "wandb project the run is logged to")
     wandb_entity: Optional[str] = arg(None, "wandb team or user; None: your default entity")
     run_name: Optional[str] = arg(None, "run name on the tracker; None: generated")
@@ -118,12 +112,9 @@ class Args:
     hub_model_id: Optional[str] = arg(None, "hub repo for push_to_hub; None: the output dir's name")
 
     # System and speed
-    device: str = arg("auto", "auto (CUDA when present), cuda or cpu")
-    tf32: bool = arg(True, "on an Ampere or newer GPU, run fp32 matmuls on TF32 tensor cores")
-    use_liger_kernel: Optional[bool] = arg(None, "Liger's fused DPO loss and kernels (H200: 1.25x faster, 1.7 GiB "
-                                           "less). None: on where a GPU and `pip install liger-kernel` are present")
-    group_by_length: bool = arg(False, "each optimizer step's pairs of similar token length (random groups of up to "
-                                "50 steps' pairs, sorted): fewer pad tokens on real pairs. Not yet measured on a GPU")
+    device: Literal["auto", "cuda", "cpu"] = arg("auto", "auto: CUDA when present")
+    tf32: bool = arg(True, "run fp32 matmuls in TF32 where the GPU has it")
+    use_liger_kernel: bool = arg(True, "Liger's fused DPO loss and kernels, where a GPU and liger-kernel are present")
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny model and data are built")
 
 
@@ -136,9 +127,6 @@ PRESETS = {
                  per_device_train_batch_size=16, per_device_eval_batch_size=16, gradient_accumulation_steps=1,
                  max_steps=150, logging_steps=10, eval_steps=50, save_steps=0, max_new_tokens=24, beta=0.5),
 }
-# A run without a GPU changes these settings as a preset does, where they hold the GPU value (first), to the second
-# (none here: the defaults' GPU-only settings are refused on a CPU with what to change).
-WITHOUT_A_GPU: dict = {}
 
 
 # %% 1. Data: Stack Exchange pairs -> prompt / chosen / rejected, filtered by token length.
@@ -146,16 +134,11 @@ REQUIRED_COLUMNS = ("question", "response_j", "response_k")
 
 
 def make_pair(question: str, chosen: str, rejected: str) -> dict:
-    """The recipe's text, "Question: {q}\\n\\nAnswer: {answer}", split so the prompt's tokens are a true prefix.
-
-    Llama's tokenizer merges the space before a word into that word ("▁Hello"). A prompt ending in "Answer: "
-    therefore tokenizes alone with a stray "▁" that prompt+answer does not have, and TRL 1.12 then silently cuts
-    the first word off every answer. Moving the space from the prompt's end to each answer's start keeps the
-    full text identical and the prompt a prefix."""
-    prompt = "Question: " + question + "\n\nAnswer: "
-    stem = prompt.rstrip(" ")
-    moved = prompt[len(stem) :]
-    return {"prompt": stem, "chosen": moved + chosen, "rejected": moved + rejected}
+    """The recipe's text, "Question: {q}\\n\\nAnswer: {answer}", split so that the prompt's tokens are a prefix of the
+    whole text's. Llama's tokenizer merges a space into the word after it ("▁Hello"): a prompt ending in "Answer: "
+    tokenizes alone with a stray "▁", and TRL 1.12 then cuts the first word off every answer. So the space starts
+    each answer instead; the full text is the same."""
+    return {"prompt": f"Question: {question}\n\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected}
 
 
 def unusable(question, chosen, rejected) -> str:
@@ -168,50 +151,33 @@ def unusable(question, chosen, rejected) -> str:
 
 
 def load_pairs(args: Args, tokenizer, data_dir: str, cap: Optional[int], setting: str):
-    """Read one data_dir, drop pairs that cannot teach a preference or exceed the token limits (counted per reason,
-    in one line), and map the rest to prompt/chosen/rejected."""
+    """One data_dir's pairs as prompt/chosen/rejected, less those that cannot teach a preference or exceed the token
+    limits (counted per reason, in one line)."""
     dataset = load_or_explain(lambda name: load_dataset(name, data_dir=data_dir, split="train"),
                               args.dataset_name, "dataset_name", related=setting)
-    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
-    if missing:
-        fail(f"'{args.dataset_name}' ({data_dir}) lacks the column(s) {', '.join(missing)} (it has: "
-             f"{', '.join(dataset.column_names)}). The script needs question, response_j (preferred) and "
-             f"response_k (rejected): set --dataset_name to a dataset in that format.")
+    check_columns(args, dataset, data_dir)
     if cap is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(cap, len(dataset))))
-    read = len(dataset)
-    reasons = [unusable(*row) for row in zip(*(dataset[column] for column in REQUIRED_COLUMNS))]
-    dataset = dataset.select([i for i, reason in enumerate(reasons) if not reason])
-    dataset = dataset.map(lambda row: make_pair(row["question"], row["response_j"], row["response_k"]),
-                          remove_columns=dataset.column_names, num_proc=args.dataset_num_proc)
+    reasons = Counter(unusable(*row) for row in zip(*(dataset[column] for column in REQUIRED_COLUMNS)))
+    usable = dataset.filter(lambda *row: not unusable(*row), input_columns=list(REQUIRED_COLUMNS))
+    pairs = usable.map(lambda row: make_pair(row["question"], row["response_j"], row["response_k"]),
+                       remove_columns=usable.column_names, num_proc=args.dataset_num_proc)
 
-    def count_tokens(batch):
-        # Counted in tokens, as the trainer will see them (EOS included): characters say little about length.
-        prompt = tokenizer(batch["prompt"])["input_ids"]
+    def fits(batch):  # in tokens, as the trainer counts them (EOS included): characters say little about length
+        prompts = tokenizer(batch["prompt"])["input_ids"]
         chosen = tokenizer([p + c for p, c in zip(batch["prompt"], batch["chosen"])])["input_ids"]
         rejected = tokenizer([p + r for p, r in zip(batch["prompt"], batch["rejected"])])["input_ids"]
-        return {"prompt_tokens": [len(ids) for ids in prompt],
-                "total_tokens": [max(len(c), len(r)) + 1 for c, r in zip(chosen, rejected)]}
+        return [len(p) <= args.max_prompt_length and max(len(c), len(r)) + 1 <= args.max_length
+                for p, c, r in zip(prompts, chosen, rejected)]
 
-    usable = len(dataset)
-    dataset = dataset.map(count_tokens, batched=True, num_proc=args.dataset_num_proc)
-    dataset = dataset.filter(lambda prompt, total: prompt <= args.max_prompt_length and total <= args.max_length,
-                             input_columns=["prompt_tokens", "total_tokens"], num_proc=args.dataset_num_proc)
-    counts = Counter(reasons)
-    PartialState().print(
-        f"{data_dir}: kept {len(dataset)} of {read} pairs; dropped {counts['missing']} with a missing question or "
-        f"answer, {counts['empty']} with an empty answer, {counts['identical']} with identical answers, "
-        f"{usable - len(dataset)} over --max_prompt_length {args.max_prompt_length} or --max_length "
-        f"{args.max_length} tokens")
-    if usable == 0:
-        fail(f"No pair in '{args.dataset_name}' ({data_dir}) can teach a preference: of {read} read, "
-             f"{counts['missing']} miss a question or answer, {counts['empty']} have an empty answer and "
-             f"{counts['identical']} identical answers. Check the data's columns ({', '.join(REQUIRED_COLUMNS)}).")
-    if len(dataset) == 0:
-        fail(f"No usable pair in '{args.dataset_name}' ({data_dir}) fits --max_prompt_length {args.max_prompt_length} "
-             f"and --max_length {args.max_length} tokens. Raise those limits, or read more pairs.")
-    # Each pair's padded length (prompt + the longer answer + EOS), for --group_by_length.
-    return dataset.remove_columns(["prompt_tokens"]).rename_column("total_tokens", "pair_tokens")
+    pairs = pairs.filter(fits, batched=True, num_proc=args.dataset_num_proc)
+    counts = (f"of {len(dataset)} pairs; dropped {reasons['missing']} with a missing question or answer, "
+              f"{reasons['empty']} with an empty answer, {reasons['identical']} with identical answers, "
+              f"{len(usable) - len(pairs)} over --max_prompt_length {args.max_prompt_length} or --max_length "
+              f"{args.max_length} tokens")
+    PartialState().print(f"{data_dir}: kept {len(pairs)} {counts}")
+    check_pairs_left(args, data_dir, counts, len(pairs))
+    return pairs
 
 
 # %% 2. Model: one 4-bit base with LoRA adapters; the reference is that base with the adapters disabled.
@@ -236,17 +202,18 @@ def quantization_config(args: Args) -> Optional[BitsAndBytesConfig]:
 
 
 def load_model(args: Args):
-    config = load_or_explain(AutoConfig.from_pretrained, args.model_name_or_path, "model_name_or_path")
-    context = getattr(config, "max_position_embeddings", None)
-    if context and args.max_length > context:  # read from the config, before any weights are loaded
-        fail(f"--max_length ({args.max_length}) exceeds the model's context of {context} tokens. Lower --max_length.")
+    """The base, every weight frozen: the trainer adds the LoRA adapters and turns gradient checkpointing on."""
+    check_context_length(args, load_or_explain(AutoConfig.from_pretrained, args.model_name_or_path,
+                                               "model_name_or_path"))  # from the config, before any weight loads
     device = PartialState().local_process_index if on_gpu(args) else "cpu"  # each process its own GPU
     model = load_or_explain(
         lambda name: AutoModelForCausalLM.from_pretrained(
             name, quantization_config=quantization_config(args), dtype=compute_dtype(args), device_map={"": device}),
         args.model_name_or_path, "model_name_or_path")
     model.config.use_cache = False  # incompatible with gradient checkpointing during training
-    return prepare_4bit_for_training(model, args) if args.load_in_4bit else model
+    if args.load_in_4bit and model.device.type == "cpu":
+        guard_cpu_4bit_gradients(model)
+    return model.requires_grad_(False)
 
 
 def lora_config(args: Args, model) -> LoraConfig:
@@ -278,7 +245,7 @@ def build_dpo_config(args: Args) -> DPOConfig:
         disable_tqdm=False,  # a progress bar with the step count and time left (quiet library logs would hide it)
         dataset_num_proc=args.dataset_num_proc,  # the anchor read an undefined num_proc
         use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU
-        tf32=tf32_setting(args), use_liger_kernel=use_liger(args),
+        tf32=tf32_setting(args), use_liger_kernel=args.use_liger_kernel and gpu and liger_installed(),
     )
 
 
@@ -286,18 +253,15 @@ def build_dpo_config(args: Args) -> DPOConfig:
 def main(args: Args) -> dict:
     """Train and evaluate as `args` says; returns what eval.json holds."""
     started = time.time()
-    # 0. Before anything is loaded: refuse settings that cannot work, protect finished runs, seed, pick the tracker.
-    validate(args)
+    validate(args)  # 0. Before anything is loaded: settings that cannot work, finished runs, seed and tracker
     with StopRequest() as stop:  # Ctrl-C or SIGTERM, from here to the end: see Appendix C
         PartialState(cpu=not on_gpu(args))  # the first PartialState fixes the process group: CPU without a GPU
-        check_hub_reachable(args, ["model_name_or_path", "dataset_name"])
         checkpoint = prepare_output_dir(args, checkpoint_marker="trainer_state.json")
         if args.preset == "tiny":
             with PartialState().main_process_first():  # after the refusals; one process builds, others reuse
                 build_tiny_assets(args.tiny_assets_dir)
         set_seed(args.seed)
         prepare_tracking(args)
-        say = PartialState().print  # progress lines from the main process only
 
         # 1. Data
         tokenizer = load_tokenizer(args)
@@ -306,63 +270,42 @@ def main(args: Args) -> dict:
             eval_pairs = load_pairs(args, tokenizer, args.eval_data_dir, args.max_eval_samples, "eval_data_dir")
         check_enough_pairs(args, len(train_pairs))
 
-        # 2. Model: 4-bit base; LoRA is added by the trainer from this config
+        # 2. Model: the 4-bit base; the trainer adds the LoRA adapters of lora_config
         model = load_model(args)
-        peft_config = lora_config(args, model)
 
         # 3. Trainer (reference = the same base with the adapters disabled: ref_model=None with a peft_config)
-        trainer = QLoRADPOTrainer(
-            model=model, ref_model=None, args=build_dpo_config(args), train_dataset=train_pairs,
-            eval_dataset=eval_pairs if args.eval_steps > 0 else None, processing_class=tokenizer,
-            peft_config=peft_config, callbacks=[StopOnSignal(stop)], adapter_dtype=compute_dtype(args),
-            group_by_length=args.group_by_length)
+        trainer = QLoRADPOTrainer(model=model, ref_model=None, args=build_dpo_config(args), train_dataset=train_pairs,
+                                  eval_dataset=eval_pairs if args.eval_steps > 0 else None, processing_class=tokenizer,
+                                  peft_config=lora_config(args, model), adapter_dtype=compute_dtype(args), stop=stop)
 
-        # 4. Train, then save the adapter at once: nothing trained is lost if anything later fails
-        say(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.num_processes} x {trainer.accelerator.device}"
-            + (f", resuming from {checkpoint}" if checkpoint else ""))
+        # 4. Train, then save the adapter and tokenizer at once: nothing trained is lost if anything later fails
+        PartialState().print(f"Training: {args.max_steps} DPO steps on {trainer.accelerator.num_processes} x "
+                             f"{trainer.accelerator.device}" + (f", resuming from {checkpoint}" if checkpoint else ""))
         stop.enter("training")
         train_started = time.time()
-        trainer.train(resume_from_checkpoint=checkpoint)
-        train_seconds, steps = time.time() - train_started, trainer.state.global_step
-        steps_this_run = steps - (read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
-                                  if checkpoint else 0)
-        stopped_at = os.path.join(args.output_dir, f"checkpoint-{steps}")
-        if stop.signal_name and os.path.isdir(stopped_at):  # else training had ended: the adapter is saved next
-            stop.exit_after_checkpoint(f"after step {steps} of {args.max_steps}", stopped_at)
-        peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+        trainer.train(resume_from_checkpoint=checkpoint)  # on Ctrl-C or SIGTERM: exits after a checkpoint
+        figures = training_figures(trainer, checkpoint, time.time() - train_started)
         stop.enter("saving")
-        save_outputs(trainer, tokenizer, args)
+        trainer.save_model(args.output_dir)  # PeftModel.from_pretrained(base, OUTPUT_DIR) loads the adapter
         stop.enter("evaluation")
 
         # 5. Evaluate the base (adapters off) and the trained model on the same held-out pairs
-        say(f"Evaluating the base and the trained model on {len(eval_pairs)} held-out pairs ...")
+        PartialState().print(f"Evaluating the base and the trained model on {len(eval_pairs)} held-out pairs ...")
         with trainer.model.disable_adapter():
             base_result, base_logratios = evaluate(trainer.model, tokenizer, eval_pairs, args)
         trained_result, _ = evaluate(trainer.model, tokenizer, eval_pairs, args, base_logratios)
 
         # 6. Report: eval.json, the table, the tracker's summary; then the upload and the merged model if asked for
-        train_log = [{key: entry[key] for key in ("step", "loss", "grad_norm", "num_tokens", "pad_fraction")
-                      if key in entry}
-                     for entry in trainer.state.log_history if "loss" in entry]
         result = {"base": base_result, "trained": trained_result, "args": asdict(args),
-                  "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
-                  "steps": steps, "steps_this_run": steps_this_run,
-                  "seconds_per_step": round(train_seconds / max(steps_this_run, 1), 4),
-                  "peak_gpu_memory_gib": peak_gib, "train_log": train_log,  # step 1's loss is ln 2 = 0.6931
-                  "train_tokens": trainer._total_train_tokens,  # non-pad tokens of chosen and rejected, this run
-                  "pad_fraction": trainer.pad_fraction(),  # of the positions the training batches held, this run
-                  "written_by_process": PartialState().process_index}
+                  "seconds": round(time.time() - started, 1), **figures}
         if PartialState().is_main_process:
             write_json(os.path.join(args.output_dir, "eval.json"), result)
             stop.enter("reporting")
-            report(base_result, trained_result, wandb_run_if_open(args))
+            report(base_result, trained_result, args)
             print(f"Saved the LoRA adapter, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
             upload_failed = push_to_hub(trainer.model, tokenizer, args) if args.push_to_hub else None
             if args.merge_full_model:
-                del trainer, model  # free the 4-bit base before loading an unquantised one
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                del trainer, model  # the 4-bit base goes before an unquantised one is loaded
                 merge_full_model(args, tokenizer)
             if upload_failed:  # after the merge: a failed upload costs nothing else the run was asked for
                 fail(upload_failed)
@@ -371,110 +314,91 @@ def main(args: Args) -> dict:
 
 # %% 5. Evaluate: preference accuracy and margin on held-out pairs, plus a few generated answers.
 @torch.no_grad()
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int) -> torch.Tensor:
-    """Sum of log p(completion + EOS | prompt), tokenized the way DPOTrainer tokenizes pairs."""
-    device = next(model.parameters()).device
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        rows, starts = [], []
-        for prompt, completion in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
-            rows.append(tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id])
-            starts.append(len(tokenizer(prompt)["input_ids"]))
-        width = max(map(len, rows))
-        ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], device=device)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        token_logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        positions = torch.arange(width - 1, device=device)[None]
-        completion_mask = (positions >= torch.tensor(starts, device=device)[:, None] - 1) & (mask[:, 1:] == 1)
-        results.append((token_logps * completion_mask).sum(-1).cpu())
-    return torch.cat(results)
+def completion_logp(model, tokenizer, prompt: str, completion: str) -> float:
+    """log p(completion + EOS | prompt), tokenized the way DPOTrainer tokenizes pairs."""
+    start = len(tokenizer(prompt)["input_ids"])
+    ids = torch.tensor([tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]], device=model.device)
+    logps = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, start - 1 : -1].float(), -1)
+    return logps.gather(-1, ids[0, start:, None]).sum().item()
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    device = next(model.parameters()).device
-    answers = []
-    for prompt in prompts:
-        batch = tokenizer(prompt, return_tensors="pt").to(device)
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
-    return answers
-
-
 def evaluate(model, tokenizer, pairs, args: Args, base_logratios: Optional[torch.Tensor] = None):
     """Preference of `model` on held-out pairs: accuracy = share of pairs where the chosen answer is more likely
     than the rejected one, margin = beta * mean log-likelihood gap. Against the base, also DPO's implicit reward.
     Returns the result and the per-pair log-likelihood gaps (the base's are the reference for the trained model)."""
-    was_training = model.training
     model.eval()
-    prompts = list(pairs["prompt"])
-    chosen = completion_logps(model, tokenizer, prompts, list(pairs["chosen"]), args.per_device_eval_batch_size)
-    rejected = completion_logps(model, tokenizer, prompts, list(pairs["rejected"]), args.per_device_eval_batch_size)
-    logratios = chosen - rejected
+    logratios = torch.tensor([completion_logp(model, tokenizer, p, c) - completion_logp(model, tokenizer, p, r)
+                              for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])])
     result = {"accuracy": (logratios > 0).float().mean().item(), "margin": args.beta * logratios.mean().item(),
-              "num_pairs": len(prompts)}
+              "num_pairs": len(logratios), "generations": []}
     if base_logratios is not None:  # DPO's implicit reward: beta * (log-ratio of the policy - that of the reference)
         implicit = args.beta * (logratios - base_logratios)
         result.update(implicit_reward_accuracy=(implicit > 0).float().mean().item(),
                       implicit_reward_margin=implicit.mean().item())
-    questions = prompts[: args.num_eval_generations]
-    result["generations"] = [{"prompt": q, "answer": a} for q, a in
-                             zip(questions, generate_answers(model, tokenizer, questions, args.max_new_tokens))]
-    model.train(was_training)
+    for prompt in list(pairs["prompt"])[: args.num_eval_generations]:
+        batch = tokenizer(prompt, return_tensors="pt").to(model.device)
+        output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=True,
+                                pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        result["generations"].append({"prompt": prompt, "answer": answer})
     return result, logratios
 
 
-# %% 6. Report: the before/after table, eval.json and the tracker's summary.
-def report(base: dict, trained: dict, wandb_run=None):
+# %% 6. Report: the before/after table, the tracker's summary, and the merged model if asked for.
+def report(base: dict, trained: dict, args: Args):
     print("\n=== Held-out preference evaluation ===================================")
     print(f"{'':8} {'accuracy':>9} {'margin':>9} {'implicit reward acc':>20} {'implicit margin':>16}")
     print(f"{'base':8} {base['accuracy']:9.3f} {base['margin']:9.3f}")
     print(f"{'trained':8} {trained['accuracy']:9.3f} {trained['margin']:9.3f} "
           f"{trained['implicit_reward_accuracy']:20.3f} {trained['implicit_reward_margin']:16.3f}")
     for before, after in zip(base["generations"], trained["generations"]):
-        print(f"\n{before['prompt']}")
-        print(f"  base:    {before['answer']!r}")
-        print(f"  trained: {after['answer']!r}")
+        print(f"\n{before['prompt']}\n  base:    {before['answer']!r}\n  trained: {after['answer']!r}")
     print("=======================================================================\n")
     summary = {f"eval/{name}/{key}": value for name, result in (("base", base), ("trained", trained))
                for key, value in result.items() if isinstance(value, float)}
     rows = [[b["prompt"], b["answer"], t["answer"]] for b, t in zip(base["generations"], trained["generations"])]
-    log_evaluation(wandb_run, summary, "eval/generations", rows, ["question", "base", "trained"])
+    log_evaluation(args, summary, "eval/generations", rows, ["question", "base", "trained"])
 
 
-# %% Appendix A: TRL 1.12, peft and bitsandbytes workarounds. Where this script touches them, and why:
-# - DPOTrainer's LoRA dtype: TRL casts the adapters of any 4-bit model to bf16 and reloads checkpoints in fp32
-#   (QLoRADPOTrainer.cast_adapters, _load_from_checkpoint)
-# - Trainer._save_checkpoint: checkpoints are written under a temporary name and renamed when complete
-# - callbacks: a stop on Ctrl-C/SIGTERM after the current step (StopOnSignal)
-# - bitsandbytes' CPU repack of 4-bit weights, which breaks LoRA gradients (guard_cpu_4bit_gradients)
-# - use_liger_kernel: TRL's fused linear DPO loss, where a GPU and liger-kernel are present
-# - Trainer._get_train_sampler: pairs grouped by length with --group_by_length (LengthGroupedPairs); compute_loss
-#   counts padded positions for the pad_fraction metric
-# - peft's prepare_model_for_kbit_training: used only with --upcast_non_quantized (prepare_4bit_for_training)
-from peft import PeftModel, prepare_model_for_kbit_training
+def merge_full_model(args: Args, tokenizer):
+    """The adapter merged into an unquantised copy of the base (merging into 4-bit weights would lose precision)."""
+    gc.collect()  # the 4-bit base, let go by the caller
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=compute_dtype(args))
+    merged = PeftModel.from_pretrained(base, args.output_dir).merge_and_unload()
+    merged.save_pretrained(os.path.join(args.output_dir, "merged"))
+    tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
+    print(f"Saved the merged model to {os.path.join(args.output_dir, 'merged')}")
+
+
+# %% Appendix A: the trainer, as built on TRL 1.12, peft, bitsandbytes and transformers. Every contact with their
+# internals, and why:
+# - DPOTrainer's adapter cast (QLoRADPOTrainer.cast_adapters, after __init__ and _load_from_checkpoint): TRL casts a
+#   4-bit model's LoRA weights to bf16, even on a CPU that computes in fp32, and a resume reloads them in fp32; here
+#   both stay in the compute dtype, so that a resumed run goes on in the precision of the run it resumes
+# - Trainer._save_checkpoint, redirected through Trainer._get_output_dir: each checkpoint is written into
+#   OUTPUT_DIR/.saving and renamed once complete, so that a crash while saving leaves none that looks complete
+# - a TrainerCallback's on_step_end and on_save (StopOnSignal): Ctrl-C or SIGTERM becomes the Trainer's own
+#   checkpoint at the end of the current step, then an exit that prints the command to resume
+# - DPOTrainer._total_train_tokens: the non-pad tokens trained on in this run, for eval.json (training_figures)
+# - bitsandbytes' Linear4bit.support_avx512bf16_for_cpu, turned off: that CPU repack breaks LoRA gradients
+# - DPOConfig.use_liger_kernel where trl.import_utils finds liger-kernel, on a GPU: TRL's fused DPO loss
 from transformers import TrainerCallback
-from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl import DPOTrainer
+from trl.import_utils import is_liger_kernel_available as liger_installed
 
 
 class QLoRADPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer, with the LoRA weights kept in one dtype, checkpoints that never look complete before
-    they are, and a progress bar that a resumed run begins at its step. TRL 1.12 casts the adapters to bf16 for any
-    4-bit model (even on a CPU that computes in fp32), while resuming reloads them in fp32: a resumed run would
-    continue in another precision than the run it resumes. Here they stay in the compute dtype: bf16 on GPU, fp32
-    on CPU."""
+    """TRL's DPOTrainer with the LoRA weights in the compute dtype (bf16 on a GPU, fp32 on a CPU), checkpoints that
+    never look complete before they are, and a stop on Ctrl-C or SIGTERM after a checkpoint (the list above)."""
 
-    def __init__(self, *args, adapter_dtype: torch.dtype, group_by_length: bool = False, **kwargs):
+    def __init__(self, *args, adapter_dtype: torch.dtype, stop: "StopRequest", **kwargs):
         super().__init__(*args, **kwargs)
-        self.adapter_dtype, self.group_by_length = adapter_dtype, group_by_length
-        self.length_sampler: Optional[LengthGroupedPairs] = None  # with --group_by_length
-        self.train_positions = 0  # positions of the training batches (pad included), this run
-        self.window_tokens = self.window_positions = 0  # since the last training log line
+        self.adapter_dtype = adapter_dtype
         self.cast_adapters()
-        show_progress_from_the_resumed_step(self)
+        self.add_callback(StopOnSignal(self, stop))
 
     def cast_adapters(self):
         for param in self.model.parameters():
@@ -485,48 +409,8 @@ class QLoRADPOTrainer(DPOTrainer):
         super()._load_from_checkpoint(*args, **kwargs)
         self.cast_adapters()  # before the optimizer is built from these parameters
 
-    def _get_train_sampler(self, train_dataset=None):
-        if not self.group_by_length:
-            return super()._get_train_sampler(train_dataset)
-        lengths = list(self.train_dataset["pair_tokens"])  # counted by load_pairs; same rows as `train_dataset`
-        pairs_per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        self.length_sampler = LengthGroupedPairs(lengths, pairs_per_step, self.args.seed)
-        return self.length_sampler
-
-    def _run_epoch(self, model, epoch, *args, **kwargs):
-        # accelerate passes the Trainer's set_epoch on through most wrappers, but not through the ones of several
-        # processes resuming mid-epoch (a batch-skipping sampler around a sharding one around ours): the resumed run
-        # would redraw epoch 0's order (test_the_length_sampler_gets_its_epoch_where_accelerate_does_not_pass_it_on).
-        if self.length_sampler is not None:
-            self.length_sampler.set_epoch(epoch)
-        return super()._run_epoch(model, epoch, *args, **kwargs)
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        tokens_before = self._total_train_tokens  # TRL adds each training batch's non-pad tokens (all processes)
-        result = super().compute_loss(model, inputs, *args, **kwargs)
-        if self.model.training:  # TRL's own test for counting tokens
-            mask = inputs["attention_mask"]
-            positions = self.accelerator.gather_for_metrics(torch.tensor([mask.numel()], device=mask.device))
-            positions = positions.sum().item()
-            self.train_positions += positions
-            self.window_positions += positions
-            self.window_tokens += self._total_train_tokens - tokens_before
-        return result
-
-    def log(self, logs: dict, *args, **kwargs):
-        if self.model.training and self.window_positions:  # the share of padding in what was computed
-            logs["pad_fraction"] = round(1 - self.window_tokens / self.window_positions, 4)
-            self.window_tokens = self.window_positions = 0
-        super().log(logs, *args, **kwargs)
-
-    def pad_fraction(self) -> Optional[float]:
-        """Share of the training batches' positions that were padding, this run."""
-        return round(1 - self._total_train_tokens / self.train_positions, 4) if self.train_positions else None
-
     def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint, written into OUTPUT_DIR/.saving and renamed to checkpoint-N once complete."""
-        name = f"checkpoint-{self.state.global_step}"
-        staging = os.path.join(self.args.output_dir, ".saving")
+        name, staging = f"checkpoint-{self.state.global_step}", os.path.join(self.args.output_dir, ".saving")
 
         def save():
             self._get_output_dir = lambda trial=None: staging  # where the Trainer puts checkpoint-N
@@ -538,59 +422,41 @@ class QLoRADPOTrainer(DPOTrainer):
         save_atomically(self.accelerator, os.path.join(staging, name), os.path.join(self.args.output_dir, name), save)
 
 
-class LengthGroupedPairs(torch.utils.data.Sampler):
-    """Training pairs in an order where each optimizer step's pairs have similar lengths, so that its batches carry
-    little padding: transformers' length grouping (random groups of up to 50 steps' pairs, each sorted by length,
-    the longest step first, so that memory runs out at once if it will). Drawn from (seed, epoch), which the
-    Trainer sets each epoch: a resumed run skips to the same place in the same order. transformers' own
-    length-grouped sampler draws from the global random state, which a resumed run does not restore to where the
-    epoch began."""
-
-    def __init__(self, lengths: list[int], pairs_per_step: int, seed: int):
-        self.lengths, self.pairs_per_step, self.seed, self.epoch = lengths, pairs_per_step, seed, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.pairs_per_step, generator=generator))
-
-
 class StopOnSignal(TrainerCallback):
-    """Turns a stop request into the Trainer's own save-and-stop at the end of the current step."""
+    """A stop asked for on any process: the Trainer saves a checkpoint at the end of the current step, and the run
+    exits with the command that resumes it."""
 
-    def __init__(self, stop: "StopRequest"):
-        self.stop = stop
+    def __init__(self, trainer, stop: "StopRequest"):
+        self.trainer, self.stop = trainer, stop
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.requested():
+        if self.stop.requested(self.trainer.accelerator):
             control.should_save = True
-            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stop.signal_name:
+            self.stop.exit_after_checkpoint(f"after step {state.global_step} of {state.max_steps}",
+                                            os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
-def prepare_4bit_for_training(model, args: Args):
-    """Freeze the 4-bit base and turn on gradient checkpointing. peft's prepare_model_for_kbit_training also keeps
-    fp32 copies of the embeddings, norms and lm_head (--upcast_non_quantized): with them the whole residual stream
-    runs in fp32 (the embedding's output is fp32), twice the bytes through every norm, residual add and LoRA input
-    of every layer (H200, 16 pairs per step: 6.29 -> 4.90 s per step and 11.7 -> 9.0 GiB without them)."""
-    if model.device.type == "cpu":
-        guard_cpu_4bit_gradients(model)
-    if args.upcast_non_quantized:
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.requires_grad_(False)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+def training_figures(trainer, checkpoint: Optional[str], train_seconds: float) -> dict:
+    """This run's steps, time, tokens and peak memory, and the loss at each logged step, for eval.json."""
+    steps = trainer.state.global_step
+    steps_this_run = steps - (read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
+                              if checkpoint else 0)
+    return {"train_seconds": round(train_seconds, 2), "steps": steps, "steps_this_run": steps_this_run,
+            "seconds_per_step": round(train_seconds / max(steps_this_run, 1), 4),
+            "train_tokens": trainer._total_train_tokens,  # non-pad tokens of chosen and rejected, this run
+            "tokens_per_second": round(trainer._total_train_tokens / train_seconds, 1),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            if torch.cuda.is_available() else None,
+            "train_log": [{key: entry[key] for key in ("step", "loss", "grad_norm") if key in entry}
+                          for entry in trainer.state.log_history if "loss" in entry]}  # step 1's loss: ln 2
 
 
 def guard_cpu_4bit_gradients(model):
     """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights on any eval-mode no-grad forward; a
-    backward after that returns wrong LoRA gradients. Turning the repack off keeps gradients right (GPU: no-op)."""
+    backward after that returns wrong LoRA gradients. Without the repack they stay right."""
     import bitsandbytes
 
     for module in model.modules():
@@ -598,85 +464,40 @@ def guard_cpu_4bit_gradients(model):
             module.support_avx512bf16_for_cpu = False
 
 
-def use_liger(args: Args) -> bool:
-    """--use_liger_kernel as given; unset: on where a GPU and the package are present."""
-    return args.use_liger_kernel if args.use_liger_kernel is not None else on_gpu(args) and liger_installed()
-
-
-def liger_installed() -> bool:
-    from trl.import_utils import is_liger_kernel_available
-
-    return is_liger_kernel_available()
-
-
-def save_outputs(trainer, tokenizer, args: Args):
-    """The LoRA adapter + tokenizer (PeftModel.from_pretrained(base, OUTPUT_DIR) loads them), written once."""
-    trainer.save_model(args.output_dir)
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(args.output_dir)
-    trainer.accelerator.wait_for_everyone()
-
-
-def merge_full_model(args: Args, tokenizer):
-    """Merge the adapter into an unquantised copy of the base (merging into 4-bit weights would lose precision)."""
-    dtype = torch.bfloat16 if on_gpu(args) and torch.cuda.is_bf16_supported() else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, args.output_dir).merge_and_unload()
-    merged.save_pretrained(os.path.join(args.output_dir, "merged"))
-    tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
-    print(f"Saved the merged model to {os.path.join(args.output_dir, 'merged')}")
-
-
-# %% Appendix B: this script's settings checks: one paragraph naming the setting, before anything is loaded.
+# %% Appendix B: this script's checks: one paragraph naming the setting to change, as early as the facts are known.
 # Settings that shape training's course: a resumed run must use those its checkpoint's run used (settings.json in
 # the output dir), or it would end where neither run would. The others (tracking, saving, speed) may change.
 RESUME_MUST_MATCH = ("model_name_or_path", "load_in_4bit", "dataset_name", "train_data_dir", "seed", "learning_rate",
                      "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "max_steps", "beta", "lora_r", "lora_alpha", "lora_dropout",
-                     "lora_target_modules", "max_prompt_length", "max_length", "max_train_samples", "group_by_length")
+                     "lora_target_modules", "max_prompt_length", "max_length", "max_train_samples")
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
 
 
 def validate(args: Args):
-    positive = dict(
-        max_prompt_length=args.max_prompt_length, max_length=args.max_length, max_steps=args.max_steps,
-        learning_rate=args.learning_rate, beta=args.beta, per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, logging_steps=args.logging_steps,
-        max_eval_samples=args.max_eval_samples,
-        max_train_samples=1 if args.max_train_samples is None else args.max_train_samples,
-    )
-    for name, value in positive.items():
-        if not value > 0:
-            fail(f"--{name} must be positive, got {value}.")
-    for name, value in dict(save_steps=args.save_steps, eval_steps=args.eval_steps, warmup_steps=args.warmup_steps,
-                            weight_decay=args.weight_decay, num_eval_generations=args.num_eval_generations).items():
-        if value < 0:
-            fail(f"--{name} must be 0 or more, got {value}.")
+    """Before anything is loaded."""
+    positive = ["max_prompt_length", "max_length", "max_steps", "learning_rate", "beta", "lora_r", "lora_alpha",
+                "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "max_eval_samples", "max_train_samples"]
+    check_ranges(args, positive, at_least_0=["save_steps", "eval_steps", "warmup_steps", "weight_decay",
+                                             "num_eval_generations"])
     if not 0 <= args.lora_dropout < 1:
         fail(f"--lora_dropout must be at least 0 and below 1, got {args.lora_dropout}.")
     if not any(name.strip() for name in args.lora_target_modules.split(",")):
         fail(f"--lora_target_modules names no module (got {args.lora_target_modules!r}): give the comma-separated "
              f"names of the linear layers LoRA adapts, such as {Args.lora_target_modules}.")
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
-    for name, value, choices in (("lr_scheduler_type", args.lr_scheduler_type, [s.value for s in SchedulerType]),
-                                 ("optim", args.optim, [o.value for o in OptimizerNames])):
-        if value not in choices:
-            listed = ", ".join(choices) if len(choices) <= 15 else ", ".join(choices[:8]) + f" and {len(choices) - 8} more"
-            fail(f"--{name} {value!r} is not one transformers knows{did_you_mean(value, choices)}. It takes: {listed}.")
+    for name, known in (("lr_scheduler_type", SchedulerType), ("optim", OptimizerNames)):
+        value, choices = getattr(args, name), [choice.value for choice in known]
+        close = [choice for choice in choices if choice.startswith(value)] or difflib.get_close_matches(value, choices)
+        if value not in choices:  # the hint: the first name that begins with `value`, else the closest
+            listed = ", ".join(choices[:15]) + (f" and {len(choices) - 15} more" if len(choices) > 15 else "")
+            fail(f"--{name} {value!r} is not one transformers knows" + (f" (did you mean {close[0]}?)" if close else "")
+                 + f". It takes: {listed}.")
     if args.max_prompt_length >= args.max_length:
         fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}): "
              f"the answer needs room.")
     validate_common(args)
-    if args.use_liger_kernel and not on_gpu(args):
-        fail("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton GPU kernels). Drop it on a CPU.")
-    if args.use_liger_kernel and not liger_installed():
-        fail("--use_liger_kernel needs the liger-kernel package, which is not installed: "
-             "`pip install liger-kernel==0.8.5`, or drop --use_liger_kernel.")
-    if args.use_liger_kernel is None and on_gpu(args) and not liger_installed() and os.environ.get("RANK", "0") == "0":
-        print("note: liger-kernel is not installed; with it (`pip install liger-kernel==0.8.5`) DPO steps run "
-              "about 1.25x faster on this GPU in less memory.")
     if args.optim.startswith("paged_") and not on_gpu(args):
         fail(f"--optim {args.optim} needs a CUDA GPU. On a CPU use --optim adamw_torch.")
     if args.load_in_4bit:
@@ -684,15 +505,24 @@ def validate(args: Args):
             import bitsandbytes  # noqa: F401
         except Exception as err:  # a broken native library raises more than ImportError
             fail(f"--load_in_4bit needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}). "
-                 f"Install a bitsandbytes build for this machine, or pass --load_in_4bit false (needs far more memory).")
+                 f"Install a bitsandbytes build for this machine, or pass --load_in_4bit false (far more memory).")
+    if args.use_liger_kernel and on_gpu(args) and not liger_installed() and os.environ.get("RANK", "0") == "0":
+        print("note: liger-kernel is not installed; with it (`pip install liger-kernel==0.8.5`) DPO steps run faster "
+              "in less memory.")
 
 
-def check_lora_targets(targets: list, model):
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    absent = [name for name in targets if name not in present]
-    if absent:
-        fail(f"--lora_target_modules names {', '.join(absent)}, which this model does not have. Its linear layers "
-             f"include: {', '.join(sorted(n for n in present if n.endswith('proj')))}.")
+def check_columns(args: Args, dataset, data_dir: str):
+    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
+    if missing:
+        fail(f"'{args.dataset_name}' ({data_dir}) lacks the column(s) {', '.join(missing)} (it has: "
+             f"{', '.join(dataset.column_names)}). The script needs question, response_j (preferred) and "
+             f"response_k (rejected): set --dataset_name to a dataset in that format.")
+
+
+def check_pairs_left(args: Args, data_dir: str, counts: str, kept: int):
+    if kept == 0:
+        fail(f"No usable pair is left in '{args.dataset_name}' ({data_dir}): kept none {counts}. Check the data's "
+             f"columns ({', '.join(REQUIRED_COLUMNS)}), or raise those token limits.")
 
 
 def check_enough_pairs(args: Args, pairs: int):
@@ -706,157 +536,116 @@ def check_enough_pairs(args: Args, pairs: int):
              f"pairs (--max_train_samples, --dataset_name).")
 
 
-# <shared plumbing>
-# %% Appendix C: shared plumbing. Identical in both scripts (a test compares them), inlined so that each script
-# runs copied alone: settings parsing and presets, clear errors, output-dir protection, checkpoints, interrupts,
-# trackers. Everything here reads the script's own `Args`, `PRESETS`, `WITHOUT_A_GPU`, `RESUME_MUST_MATCH` and
-# `SCRIPT`.
-import argparse
-import json
-import random
-import shlex
-import signal
-import sys
-import textwrap
+def check_context_length(args: Args, config):
+    context = getattr(config, "max_position_embeddings", None)
+    if context and args.max_length > context:
+        fail(f"--max_length ({args.max_length}) exceeds the model's context of {context} tokens. Lower --max_length.")
 
-import numpy as np
+
+def check_lora_targets(targets: list, model):
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    absent = [name for name in targets if name not in present]
+    if absent:
+        fail(f"--lora_target_modules names {', '.join(absent)}, which this model does not have. Its linear layers "
+             f"include: {', '.join(sorted(n for n in present if n.endswith('proj')))}.")
+
+
+# <shared plumbing>
+# %% Appendix C: shared plumbing, identical in both scripts (a test compares them) and inlined so that each runs
+# copied alone. Only what the pinned libraries do not do: presets and YAML values checked as flags, one-paragraph
+# errors, overwrite protection, the settings a resume must match, the resume command, the stop handler and wandb's
+# offline fallback. It reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
+import argparse
+import difflib
+import importlib.util
+import json
+import math
+import re
+import shlex
+import shutil
+import tempfile
+import textwrap
+import zipfile
+from functools import partial
+
 import yaml
-from tqdm.auto import tqdm
-from transformers import AutoTokenizer, ProgressCallback
+from huggingface_hub import get_token
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+from huggingface_hub.utils import logging as hub_logging
+from safetensors import safe_open
+from transformers import AutoTokenizer, HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_tf32_available
-from trl import TrlParser
+
+hub_logging.set_verbosity_error()  # the hub client's retry lines: a load that fails is said in one paragraph
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """`Args` from the command line and an optional YAML file: flags win over YAML, YAML over the constants in
-    `Args`. A preset changes only defaults, and prints one line with each constant it changed; so does a run
-    without a GPU, for the GPU-only values in WITHOUT_A_GPU. In a notebook kernel the command line is the kernel's
-    own: it is ignored, and the constants as edited in `Args` are used."""
-    if argv is None:
-        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+    """`Args` from flags, which win over a --config YAML file, which wins over a preset, which wins over the constants
+    in `Args`. In a notebook the command line is the kernel's own: the constants as edited in `Args` are used."""
+    argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
     argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
-    if "--config" in argv[:-1] and yaml_file_is_empty(argv[argv.index("--config") + 1]):
-        del argv[argv.index("--config") : argv.index("--config") + 2]  # every line commented out: no settings
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
-    written = yaml_as_written(argv)
-    base = parse_with_defaults(argv, {}, written)
-    if base.preset not in (None, *PRESETS):
-        fail(f"--preset must be one of {', '.join(PRESETS)}, got {base.preset!r}.")
-    preset = PRESETS[base.preset] if base.preset else {}
-    without_a_gpu = {} if on_gpu(base) else {name: instead for name, (gpu_value, instead) in WITHOUT_A_GPU.items()
-                                              if name not in preset and getattr(base, name) == gpu_value}
-    args = parse_with_defaults(argv, {**preset, **without_a_gpu}, written) if preset or without_a_gpu else base
-    if args.preset == "tiny":
-        args.tiny_assets_dir = args.tiny_assets_dir or os.path.join(args.output_dir, "tiny_assets")
-        for name, value in vars(args).items():
-            if isinstance(value, str) and "{tiny}" in value:
-                setattr(args, name, value.replace("{tiny}", args.tiny_assets_dir))
-    for what, defaults in ((f"preset {args.preset}", preset), ("no GPU", without_a_gpu)):
-        changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in defaults
-                   if getattr(args, name) != getattr(base, name)]
-        if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
-            print(f"{what} changes: {', '.join(changed)}")
+    if "--config" in argv[:-1]:  # the file's values as flags in front: argparse checks them, later flags win
+        at = argv.index("--config")
+        argv = [*yaml_as_flags(argv[at + 1]), *argv[:at], *argv[at + 2 :]]
+    base = parse_with_defaults(argv, {})
+    if not base.preset:
+        return base
+    assets = base.tiny_assets_dir or os.path.join(base.output_dir, "tiny_assets")
+    preset = {name: value.replace("{tiny}", assets) if isinstance(value, str) else value
+              for name, value in PRESETS[base.preset].items()}
+    args = parse_with_defaults(argv, {**preset, "tiny_assets_dir": assets})
+    changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in preset
+               if getattr(args, name) != getattr(base, name)]
+    if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
+        print(f"preset {args.preset} changes: {', '.join(changed)}")
     return args
 
 
-def build_parser(defaults: dict, written: Optional[dict] = None) -> TrlParser:
-    """TRL's parser of `Args`, with `defaults` (a preset's) and the YAML file's values checked as flags are
-    (`written`: the file's values as written, see yaml_as_written)."""
-    parser = TrlParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
+def yaml_as_flags(path: str) -> list:
+    """A YAML file's settings as flags, values as written (`run_name: 0123` stays 0123, where YAML 1.1 reads 83)."""
+    try:
+        with open(path) as handle:
+            settings = yaml.load(handle, Loader=yaml.BaseLoader) or {}
+    except (OSError, yaml.YAMLError) as err:
+        fail(f"--config: cannot read {path} as YAML: {' '.join(str(err).split())}.")
+    if not isinstance(settings, dict) or any(isinstance(value, dict) for value in settings.values()):
+        fail(f"--config: {path} is not a list of settings: write one `name: value` line per setting.")
+    unknown = [name for name in settings if name not in Args.__dataclass_fields__]
+    if unknown:
+        fail(f"Unknown setting {unknown_names(unknown)} in the YAML file. `python {SCRIPT} --help` lists them all.")
+    flags = {name: ",".join(value) if isinstance(value, list) else value for name, value in settings.items()
+             if value not in ("", "~", "null")}  # a list is a comma-separated setting; no value keeps the default
+    if flags.get("resume") == "true":  # `resume: true` is a bare --resume
+        flags["resume"] = "latest"
+    return [part for name, value in flags.items() for part in (f"--{name}", value)]
+
+
+def parse_with_defaults(argv: list, defaults: dict) -> Args:
+    parser = HfArgumentParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     parser.error = lambda message: fail(f"{message.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="YAML file of settings (name: value); flags given on the command line win over it")
-    for action in parser._actions:
-        if action.help and "%(" not in action.help:  # argparse %-formats help: "30% slower" would print garbage
-            action.help = action.help.replace("%", "%%")
-        # transformers gives --no_X the help of --X, which says the opposite
-        if action.option_strings and action.option_strings[0].startswith("--no_"):
-            action.help = f"turn --{action.option_strings[0][5:]} off"
-            action.default = argparse.SUPPRESS  # its "(default: False)" read as the setting's; --X's default rules
-        bool_typed = getattr(action.type, "__name__", "") == "string_to_bool"  # TRL's parser's own copy
-        if bool_typed and action.nargs is None:  # an Optional[bool] setting: a bare --X means true, as for a bool
-            action.nargs, action.const = "?", True
-    set_config_defaults = parser.set_defaults_with_config  # what TRL's parser does with the YAML file's values
-
-    def set_defaults_as_text(**config):  # argparse converts (and checks) text defaults only: YAML's 2.5 for an int
-        return set_config_defaults(**{name: yaml_value_as_text(name, value, (written or {}).get(name))
-                                      for name, value in config.items()})
-
-    parser.set_defaults_with_config = set_defaults_as_text
+    for action in parser._actions:  # transformers gives --no_X the help of --X, which says the opposite
+        if action.option_strings[0].startswith("--no_"):
+            action.help, action.default = f"turn --{action.option_strings[0][5:]} off", argparse.SUPPRESS
     parser.set_defaults(**defaults)
-    return parser
-
-
-def yaml_as_written(argv: list) -> dict:
-    """The --config file's settings, each value as written (YAML's BaseLoader: text, and lists of text). TRL's
-    parser reads the file as YAML 1.1, where `run_name: 0123` is the number 83 and `wandb_entity: no` is false."""
-    if "--config" not in argv[:-1]:
-        return {}
     try:
-        with open(argv[argv.index("--config") + 1]) as handle:
-            written = yaml.load(handle, Loader=yaml.BaseLoader)
-    except Exception:  # unreadable or not YAML: TRL's parser reads it next and says so, in one paragraph
-        return {}
-    return written if isinstance(written, dict) else {}
-
-
-def yaml_value_as_text(name: str, value, written=None):
-    """A YAML value as the command line would give it, so that argparse checks its type as it checks a flag's:
-    the text as `written` in the file where there is one (`seed: 0123` is 123, as --seed 0123 is)."""
-    import typing
-
-    if name == "resume" and isinstance(value, bool):  # resume: true means the latest checkpoint, as a bare --resume
-        return "latest" if value else None
-    hint = typing.get_type_hints(Args).get(name)
-    if value is None and hint is not None and type(None) not in typing.get_args(hint):
-        fail(f"--config: {name} is null (or has no value) in the YAML file, and --{name} needs one. Give it a value, "
-             f"or delete the line for the default.")
-    if value is None:
-        return value
-    if isinstance(written, str):
-        return written
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)):  # lora_target_modules: [q_proj, v_proj]
-        return ",".join(map(str, value))
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def yaml_file_is_empty(path: str) -> bool:
-    try:
-        with open(path) as handle:
-            return yaml.safe_load(handle) is None
-    except Exception:  # unreadable or not YAML: the parser says so, in one paragraph
-        return False
-
-
-def parse_with_defaults(argv: list, defaults: dict, written: Optional[dict] = None) -> Args:
-    try:
-        (args,) = build_parser(defaults, written).parse_args_and_config(args=list(argv))
-    except ValueError as err:  # TRL's and transformers' parsers report unknown settings as ValueError
-        unknown = [token[2:] for token in str(err).split("[", 1)[-1].split("'") if token.startswith("--")]
-        if not unknown:
-            fail(f"--config: {err}")
-        where = "in the YAML file" if "config file" in str(err) else "on the command line"
-        known = list(Args.__dataclass_fields__)
-        hints = [f"'{name}'{did_you_mean(name, known)}" for name in unknown]
-        fail(f"Unknown setting {', '.join(hints)} {where}. Every setting is a field of Args "
-             f"(`python {SCRIPT} --help` lists them).")
-    except OSError as err:
-        fail(f"--config: cannot read the YAML file ({err.strerror}: {err.filename}).")
-    except yaml.YAMLError as err:  # what TRL's parser lets through from a file that is not YAML
-        fail(f"--config: the file is not valid YAML: {' '.join(str(err).split())}.")
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # transformers' parser reports unknown settings as a ValueError
+        unknown = re.findall(r"'--([^']+)'", str(err))
+        fail(f"Unknown setting {unknown_names(unknown)} on the command line. `python {SCRIPT} --help` lists them all.")
     return args
 
 
-def did_you_mean(name: str, known: list) -> str:
-    """The hint ' (did you mean X?)', X the first known name that begins with `name`, else the closest; or ''."""
-    import difflib
-
-    close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1)
-    return f" (did you mean {close[0]}?)" if close else ""
+def unknown_names(names: list) -> str:
+    """Each name with the setting it may mean: the first that begins with it, else the closest."""
+    known = list(Args.__dataclass_fields__)
+    close = [[k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1) for name in names]
+    return ", ".join(f"'{name}'" + (f" (did you mean {hint[0]}?)" if hint else "") for name, hint in zip(names, close))
 
 
 def fail(message: str):
@@ -864,324 +653,169 @@ def fail(message: str):
     raise SystemExit("\nerror: " + textwrap.fill(" ".join(message.split()), width=110) + "\n")
 
 
-def offline_hint(name: str) -> str:
-    """For a hub id that could not load: the offline way to try the pipeline. Not for a local path: that is the
-    user's own file (or the tiny preset's), and the tiny preset would not help."""
-    if looks_local(name):
-        return ""
-    return f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline on tiny local models."
-
-
-def looks_local(name: str) -> bool:
-    """A path, not a hub id (a hub id is NAME or OWNER/NAME)."""
+def looks_local(name: str) -> bool:  # a hub id is NAME or OWNER/NAME
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
-def is_gated(err: BaseException) -> bool:
-    """A gated or forbidden hub repository: the hub's own error type or status code, anywhere in the chain."""
-    import re
-
-    from huggingface_hub.errors import GatedRepoError
-
-    while err is not None:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if isinstance(err, GatedRepoError) or status in (401, 403) or "gated repo" in str(err).lower() \
-                or re.search(r"\b40[13] Client Error\b", str(err)):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def mistyped_path_hint(name: str) -> str:
-    """For OWNER/NAME, which reads as a hub id, when OWNER is a local folder: a sentence saying it may be a
-    mistyped path, with the closest path in that folder."""
-    folder, _, rest = name.partition("/")
-    if not rest or "/" in rest or not os.path.isdir(folder):
-        return ""
-    try:
-        closest = did_you_mean(name, [f"{folder}/{entry}" for entry in sorted(os.listdir(folder))])
-    except OSError:  # a folder this user may not list
-        closest = ""
-    return f" '{folder}' is a local folder, without '{rest}' in it: a mistyped path{closest or '?'}"
-
-
-def explain_load_error(err: Exception, name: str, setting: str, related: Optional[str] = None) -> str:
-    settings = f"--{setting}" + (f" and --{related}" if related else "")
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    hint = mistyped_path_hint(name)
-    if is_gated(err):
-        return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
-                f"license on its hub page with your account, then give this machine your token "
-                f"(`hf auth login`, or set HF_TOKEN). Or set --{setting} to an open model or a local "
-                f"directory.{offline_hint(name)}")
-    offline_markers = ("couldn't connect", "couldn't reach", "offline", "localentrynotfound", "connection")
-    if any(marker in text.lower() for marker in offline_markers):
-        return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
-                f"local cache.{hint} Connect to the internet, or download it elsewhere and set --{setting} to its "
-                f"local directory.{offline_hint(name)}")
-    return f"Could not load '{name}' ({settings}): {error_summary(err)}.{hint} Check {settings}.{offline_hint(name)}"
-
-
-def error_summary(err: BaseException) -> str:
-    """The first line of an error and of the error it was raised from: a broken file's own message (a JSON parse
-    error, a truncated header) is often only in the cause."""
-    def first_line(error: BaseException) -> str:  # a reader's bare StopIteration: it found nothing to read
-        text = " ".join(str(error).strip().splitlines()[0].split()).rstrip(".") if str(error).strip() else ""
-        empty = " (nothing was read: an empty file?)" if isinstance(error, StopIteration) else ""
-        return text or type(error).__name__ + empty
-
-    cause = err.__cause__
-    return first_line(err) + (f" ({type(cause).__name__}: {first_line(cause)})" if cause is not None else "")
-
-
 def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
-    """Run `load(name)` and turn missing paths, gated repos and hub outages into one clear paragraph."""
+    """`load(name)`; a missing path, a gated repo, an unreachable hub or a broken file: one paragraph."""
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         fail(f"--{setting}={name!r} looks like a local path, but nothing exists there.")
     try:
-        return load(os.path.expanduser(name) if looks_local(name) else name)
+        return load(os.path.expanduser(name))
     except (MemoryError, torch.OutOfMemoryError, AttributeError, NameError, ImportError):
         raise  # not the file's fault: memory, or code that does not fit the installed libraries
-    except Exception as err:  # hub and cache errors, and files that are empty, truncated or not what they claim
+    except Exception as err:
         fail(explain_load_error(err, name, setting, related))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+def explain_load_error(err: Exception, name: str, setting: str, related: Optional[str] = None) -> str:
+    """By the hub client's error types, which transformers and datasets chain into their own errors."""
+    chain = [err]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
+    if any(isinstance(error, GatedRepoError) for error in chain):
+        return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
+                f"license on its hub page, then give this machine your token (`hf auth login`, or set HF_TOKEN). Or "
+                f"set --{setting} to an open model or a local directory.{tiny}")
+    if any(isinstance(error, LocalEntryNotFoundError) for error in chain) or "Couldn't reach" in str(err):
+        return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
+                f"local cache. Connect to the internet, or download it elsewhere and set --{setting} to its local "
+                f"directory.{tiny}")
+    settings = f"--{setting}" + (f" and --{related}" if related else "")
+    return f"Could not load '{name}' ({settings}): {error_summary(err)}. Check {settings}.{tiny}"
+
+
+def error_summary(err: BaseException) -> str:  # with its cause's: a broken file's own message is often there
+    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()).rstrip(":") for e in (err, err.__cause__) if e]
+    return " <- ".join(lines)
 
 
 def load_checked_tokenizer(name: str, setting: str, **kwargs):
-    """The tokenizer saved with a model, refused when it cannot be the model's: transformers 5 builds an empty one
-    from a directory without tokenizer files, and every text then maps to the same few ids. `kwargs` (such as
-    padding_side) are given at load time, so that the saved tokenizer keeps them."""
+    """The tokenizer saved with a model (`kwargs` such as padding_side are saved with it). From a directory without
+    tokenizer files transformers 5 builds an empty one, which maps every text to the same few ids, or fails: refused."""
     path = os.path.expanduser(name)
-    if looks_local(name) and os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
-                                                              for f in TOKENIZER_FILES):
-        fail(f"'{name}' (--{setting}) holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the model's "
-             f"tokenizer there too (tokenizer.save_pretrained), or set --{setting} to a directory that has both.")
-    tokenizer = load_or_explain(lambda path: AutoTokenizer.from_pretrained(path, **kwargs), name, setting)
-    vocab_size = getattr(load_or_explain(AutoConfig.from_pretrained, name, setting).get_text_config(), "vocab_size", 0)
-    ordinary = len(set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids))
-    if ordinary == 0 or (vocab_size and len(tokenizer) < vocab_size // 2):
-        fail(f"The tokenizer in '{name}' (--{setting}) does not fit its model: {len(tokenizer)} tokens "
-             f"({ordinary} of them ordinary) for an embedding table of {vocab_size}. Save the model's own tokenizer "
-             f"there (tokenizer.save_pretrained), or set --{setting} to a directory that has both.")
+    saved = not os.path.isdir(path) or any(file.startswith(("tokenizer.", "vocab.", "spiece."))
+                                           for file in os.listdir(path))
+    tokenizer = load_or_explain(partial(AutoTokenizer.from_pretrained, **kwargs), name, setting) if saved else None
+    if tokenizer is None or not set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids):
+        fail(f"'{name}' (--{setting}) holds no tokenizer (tokenizer.json, vocab files): save the model's tokenizer "
+             f"there too (tokenizer.save_pretrained), or set --{setting} to a directory that has both.")
     return tokenizer
 
 
 def validate_common(args):
-    """Settings every run needs right: numbers, tracker, device, resume, output dir."""
-    import math
-
     for name, value in vars(args).items():  # nan passes every comparison a range check makes
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name} must be a finite number, got {value}.")
-    if args.report_to not in ("wandb", "tensorboard", "none"):
-        fail(f"--report_to must be wandb, tensorboard or none, got {args.report_to!r}.")
-    import importlib.util
-
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         fail(f"--report_to {args.report_to} needs the {args.report_to} package, which is not installed: "
              f"`pip install -r requirements.txt` (it pins it), or choose another --report_to.")
-    if args.device not in ("auto", "cuda", "cpu"):
-        fail(f"--device must be auto, cuda or cpu, got {args.device!r}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device auto or cpu.")
-    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
-        fail(f"--resume {args.resume!r} is not a directory. Use --resume alone for the latest checkpoint in "
-             f"--output_dir, or give a checkpoint-N directory.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    why = "HF_HUB_OFFLINE is set" if offline else "there is no Hugging Face token here (`hf auth login`, or HF_TOKEN)"
+    if args.push_to_hub and (offline or get_token() is None):
+        fail(f"--push_to_hub needs the Hugging Face Hub, and {why}. Fix that, or drop --push_to_hub and upload the "
+             f"saved model after the run (`hf upload REPO OUTPUT_DIR`).")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        probe = os.path.join(args.output_dir, f".write_test_{os.getpid()}")  # one per process: no race
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=args.output_dir).close()  # this process may write there
     except OSError as err:
-        problem = "is a file, not a directory" if os.path.isfile(args.output_dir) else f"is not writable ({err.strerror})"
+        problem = "is a file, not a directory" if os.path.isfile(args.output_dir) else f"cannot be written to ({err})"
         fail(f"--output_dir {args.output_dir!r} {problem}. Choose a directory you can write to.")
 
 
-def check_hub_reachable(args, settings: list):
-    """Without a connection, each hub load retries for about 20 seconds before it gives up. Ask once, quickly;
-    if the hub cannot be reached, say so in one line and load from the local cache only (which fails fast)."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    names = [getattr(args, setting) for setting in settings if getattr(args, setting)]
-    if args.preset == "tiny" and args.tiny_assets_dir:  # its names are local, though built only after this check
-        tiny = os.path.normpath(args.tiny_assets_dir) + os.sep
-        names = [name for name in names if not os.path.normpath(name).startswith(tiny)]
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    upload_later = "or drop --push_to_hub and upload the saved model after the run (`hf upload REPO OUTPUT_DIR`)"
-    if args.push_to_hub:  # found out before training, not after it
-        from huggingface_hub import get_token
-
-        if offline:
-            fail(f"--push_to_hub needs the Hugging Face Hub, and HF_HUB_OFFLINE is set. Unset it, {upload_later}.")
-        if get_token() is None:
-            fail(f"--push_to_hub needs a Hugging Face token on this machine, and there is none: log in (`hf auth "
-                 f"login`) or set HF_TOKEN, {upload_later}.")
-    if offline or (all(map(looks_local, names)) and not args.push_to_hub):
-        return
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    reached = []
-
-    def connect():
-        try:
-            socket.create_connection((host, port), timeout=3).close()
-            reached.append(True)
-        except OSError:
-            pass
-
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout=5)
-    if not reached and args.push_to_hub:
-        fail(f"--push_to_hub needs the Hugging Face Hub, and {host} cannot be reached from this machine. Connect, "
-             f"{upload_later}.")
-    if not reached:
-        import datasets.config
-        import huggingface_hub.constants
-
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-        PartialState().print(f"The Hugging Face Hub ({host}) cannot be reached: loading from the local cache only.")
+def check_ranges(args, positive: list, at_least_0: list = (), fractions: list = ()):
+    """Each named setting positive, 0 or more, or between 0 and 1 (or None: unset)."""
+    for names, fits, what in ((positive, lambda v: v > 0, "positive"), (at_least_0, lambda v: v >= 0, "0 or more"),
+                              (fractions, lambda v: 0 <= v <= 1, "between 0 and 1")):
+        for name in names:
+            if getattr(args, name) is not None and not fits(getattr(args, name)):
+                fail(f"--{name} must be {what}, got {getattr(args, name)}.")
 
 
 def push_to_hub(model, tokenizer, args) -> Optional[str]:
-    """Upload the trained model and tokenizer, once eval.json is written. A push that fails (no connection, no
-    rights to the repo) loses nothing: the paragraph returned says how to upload the saved files later, for the run
-    to stop with once it has done the rest of what it was asked (None: pushed)."""
+    """Upload the trained model and tokenizer; if that fails, the paragraph for the run to stop with at its end."""
     repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     try:
         model.push_to_hub(repo)
         tokenizer.push_to_hub(repo)
         print(f"Pushed the trained model and tokenizer to the hub: {repo}")
         return None
-    except Exception as err:  # any failure: what was trained is on disk either way
-        # The push uploads the files at the top of the output dir; its folders (checkpoints, tiny assets, PPO's
-        # value_model/, DPO's merged/, written after the push) hold what it did not, and stay out of the upload too.
-        directory = args.output_dir
-        entries = os.listdir(directory) if os.path.isdir(directory) else []
-        folders = {"checkpoint-*" if name.startswith("checkpoint-") else name for name in entries
-                   if os.path.isdir(os.path.join(directory, name))}
-        folders |= {"merged"} if getattr(args, "merge_full_model", False) else set()
-        excludes = "".join(f" --exclude '{folder}/*'" for folder in sorted(folders))
-        return (f"--push_to_hub: uploading to '{repo}' failed ({type(err).__name__}: {error_summary(err)}). Nothing "
+    except Exception as err:  # what was trained is on disk either way; upload what the push would have
+        excludes = "".join(f" --exclude '{folder}/*'" for folder in ("checkpoint-*", "merged", "tiny_assets",
+                                                                     "value_model"))
+        return (f"--push_to_hub: uploading to '{repo}' failed ({error_summary(err)}). Nothing "
                 f"is lost: the trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub "
-                f"is reachable and you are logged in: `hf upload {repo} {shlex.quote(directory)}{excludes}`.")
+                f"is reachable and you are logged in: `hf upload {repo} {shlex.quote(args.output_dir)}{excludes}`.")
 
 
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
-    """The checkpoint to resume from, or None for a fresh start. A finished run (eval.json, or a saved model whose
-    evaluation was cut short) or an unfinished one (checkpoints) is never overwritten silently: a fresh start over
-    it, or more training of a finished one, needs --overwrite_output_dir."""
-    directory = args.output_dir
-    checkpoints = [f"checkpoint-{step}" for step in checkpoint_steps(directory)]
+    """The checkpoint to resume from, or None. A finished run (eval.json or a saved model) or an unfinished one
+    (checkpoints) is never overwritten silently; the settings are recorded for a resume to be checked against."""
+    directory, latest = args.output_dir, get_last_checkpoint(args.output_dir)
     evaluated, saved_model = os.path.exists(os.path.join(directory, "eval.json")), saved_model_files(directory)
-    finished = evaluated or bool(saved_model)
-    what_finished = "a finished run (eval.json and the trained model)" if evaluated else \
+    finished = "a finished run (eval.json and the trained model)" if evaluated else \
         f"a trained model ({saved_model[0]}) whose evaluation was not written" if saved_model else ""
     if finished and args.resume and not args.overwrite_output_dir:  # it would train again over the finished model
-        if args.resume == "latest" and not checkpoint_steps(directory, checkpoint_marker):
-            fail(f"--output_dir {directory!r} holds {what_finished}, and no checkpoint to resume from (--save_steps). "
-                 f"Nothing was changed. Choose another --output_dir, or start over there with --overwrite_output_dir "
-                 f"(without --resume).")
-        fail(f"--output_dir {directory!r} holds {what_finished}: resuming from one of its checkpoints would train "
-             f"again over it. Nothing was changed. Drop --resume and choose another --output_dir, or add "
-             f"--overwrite_output_dir to continue from that checkpoint and replace the finished model (its "
-             f"{'eval.json and ' if evaluated else ''}saved models are deleted first).")
+        source = "one of its checkpoints" if latest else "a checkpoint (it kept none: --save_steps)"
+        fail(f"--output_dir {directory!r} holds {finished}: resuming from {source} would train again over it. Nothing "
+             f"was changed. Choose another --output_dir, or add --overwrite_output_dir to replace the finished model "
+             f"(without --resume: start over).")
     if args.resume:
-        if args.resume == "latest":
-            complete = checkpoint_steps(directory, checkpoint_marker)
-            if not complete:
-                fail(f"--resume: no checkpoint of this script in --output_dir {directory!r} (a checkpoint-N directory "
-                     f"with {checkpoint_marker}). Give the output dir of the interrupted run, or a checkpoint path.")
-            checkpoint = os.path.join(directory, f"checkpoint-{complete[-1]}")
-        else:
-            checkpoint = args.resume
+        checkpoint = latest if args.resume == "latest" else args.resume
+        if not checkpoint:
+            fail(f"--resume: no checkpoint of this script in --output_dir {directory!r} (a checkpoint-N directory "
+                 f"with {checkpoint_marker}). Give the output dir of the interrupted run, or a checkpoint path.")
         check_checkpoint(checkpoint, checkpoint_marker)
         check_resume_settings(args, checkpoint)
-        if finished:  # and --overwrite_output_dir: asked for, once the checkpoint is known to be sound
-            PartialState().wait_for_everyone()
-            if PartialState().is_main_process:
-                kept = delete_finished_run(args)
-                print(f"--overwrite_output_dir: deleted the finished run's eval.json and saved models{kept}; "
-                      f"continuing from {checkpoint}.")
-            PartialState().wait_for_everyone()
-        record_settings(args)
-        return checkpoint
-    if (finished or checkpoints) and not args.overwrite_output_dir:
-        what = what_finished if finished else f"checkpoints of an unfinished run ({', '.join(checkpoints[-3:])})"
+    elif (finished or latest) and not args.overwrite_output_dir:
+        what = finished or f"checkpoints of an unfinished run (the latest: {os.path.basename(latest)})"
         fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
              f"another --output_dir, {'' if finished else 'continue it with --resume, '}or pass "
              f"--overwrite_output_dir to start over (its eval.json, saved models and checkpoints are deleted).")
     PartialState().wait_for_everyone()  # every process has looked before the main one deletes anything
-    if (finished or checkpoints) and PartialState().is_main_process:
-        import shutil
-
+    if (finished or (latest and not args.resume)) and PartialState().is_main_process:
+        checkpoints = [] if args.resume else [name for name in os.listdir(directory)
+                                               if re.fullmatch(r"checkpoint-\d+", name)]
         for name in checkpoints:
             shutil.rmtree(os.path.join(directory, name))
-        kept = delete_finished_run(args)
         print(f"--overwrite_output_dir: deleted the earlier run's eval.json, saved models and {len(checkpoints)} "
-              f"checkpoint(s){kept}.")
+              f"checkpoint(s){delete_finished_run(args)}" + (f"; continuing from {checkpoint}" if args.resume else ""))
+    if PartialState().is_main_process:  # the settings a resumed run is checked against
+        write_json(os.path.join(directory, "settings.json"), vars(args))
     PartialState().wait_for_everyone()
-    record_settings(args)
-    return None
+    return checkpoint if args.resume else None
 
 
-def saved_model_files(directory: str) -> list:
-    """The weight files a finished run saved in `directory` itself, by the names save_pretrained gives them (model,
-    pytorch_model, adapter_model; shards and their index); its checkpoints keep their own in subfolders."""
-    import re
-
+def saved_model_files(directory: str) -> list:  # by the names save_pretrained gives them
     pattern = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
     return sorted(name for name in os.listdir(directory) if pattern.fullmatch(name))
 
 
 def delete_finished_run(args) -> str:
-    """A finished run's eval.json and saved weights (what marks the directory as holding one), and the models it
-    saved in folders of their own (PPO's value_model/, DPO's merged/), which a new run might not write again. Never
-    what a setting of this run loads from (--model_name_or_path pointing at the earlier run's model): those are kept,
-    and named in the returned text."""
-    import shutil
-
-    directory = args.output_dir
+    """A finished run's eval.json and saved models, except what a setting of this run loads from (named)."""
     sources = [os.path.realpath(value) for name, value in vars(args).items()
                if name != "output_dir" and isinstance(value, str) and value and os.path.exists(value)]
-
-    def loaded_by_this_run(path: str) -> bool:  # a model directory's own files, or a folder holding what is loaded
-        path, is_file = os.path.realpath(path), os.path.isfile(path)
-        return any(path == source or (is_file and os.path.dirname(path) == source)
-                   or source.startswith(path + os.sep) for source in sources)
-
     kept = []
-    for name in ["eval.json"] * os.path.exists(os.path.join(directory, "eval.json")) + saved_model_files(directory) \
-            + [folder for folder in ("value_model", "merged") if os.path.isdir(os.path.join(directory, folder))]:
-        path = os.path.join(directory, name)
-        if name != "eval.json" and loaded_by_this_run(path):
+    for name in ["eval.json", *saved_model_files(args.output_dir), "value_model", "merged"]:
+        path = os.path.realpath(os.path.join(args.output_dir, name))
+        if name != "eval.json" and any(path == source or (os.path.isfile(path) and os.path.dirname(path) == source)
+                                       or source.startswith(path + os.sep) for source in sources):
             kept.append(name)
         elif os.path.isdir(path):
             shutil.rmtree(path)
-        else:
+        elif os.path.exists(path):
             os.remove(path)
     return f" (kept {', '.join(kept)}: this run loads from there)" if kept else ""
 
 
-def record_settings(args):
-    """The run's settings, in the output dir beside its checkpoints: what a resumed run is checked against."""
-    if PartialState().is_main_process:
-        write_json(os.path.join(args.output_dir, "settings.json"), vars(args))
-
-
 def check_resume_settings(args, checkpoint: str):
-    """Each of RESUME_MUST_MATCH as the run that wrote `checkpoint` had it (its output dir's settings.json; a run
-    from before that file existed is not checked)."""
+    """Each of RESUME_MUST_MATCH as the run that wrote `checkpoint` had it (its output dir's settings.json)."""
     path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "settings.json")
-    if not os.path.exists(path):
-        return
-    saved, now = read_json(path), vars(args)
+    saved, now = read_json(path) if os.path.exists(path) else {}, vars(args)
 
     def comparable(settings: dict, name: str):  # the tiny preset's paths lie in its assets dir, wherever that is
         value, assets = settings[name], settings.get("tiny_assets_dir")
@@ -1195,54 +829,28 @@ def check_resume_settings(args, checkpoint: str):
              f"back, or start a new run in another --output_dir.")
 
 
-def checkpoint_steps(directory: str, marker: Optional[str] = None) -> list:
-    """The N of each checkpoint-N folder in `directory`, in order; with `marker`, only folders that hold that file."""
-    return sorted(int(name.split("-")[1]) for name in os.listdir(directory)
-                  if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-                  and (marker is None or os.path.exists(os.path.join(directory, name, marker))))
-
-
 def check_checkpoint(checkpoint: str, marker: str):
-    """Every file of a checkpoint complete and readable, before any model is loaded; else say which file is
-    broken and what to do. Reads headers and archive directories, not whole tensors."""
-    import zipfile
-
-    has_marker, inside = os.path.exists(os.path.join(checkpoint, marker)), checkpoint_steps(checkpoint, marker)
-    if inside and not has_marker:
-        fail(f"--resume {checkpoint!r} is a run's output dir, not one of its checkpoints. Nothing was loaded. Use "
-             f"--resume alone with --output_dir {checkpoint!r} (its latest checkpoint), or --resume "
-             f"{os.path.join(checkpoint, f'checkpoint-{inside[-1]}')}.")
-    if not has_marker and not os.path.basename(os.path.normpath(checkpoint)).startswith("checkpoint-"):
-        fail(f"--resume {checkpoint!r} is not a checkpoint of this script (it holds no {marker}). Nothing was "
-             f"loaded. Give a checkpoint-N directory this script saved, or --resume alone for the latest one in "
-             f"--output_dir.")
-    broken = None if has_marker else f"{marker} is missing"
-    for root, _, files in os.walk(checkpoint):
-        for name in files if broken is None else []:
-            path = os.path.join(root, name)
-            try:
-                if name.endswith(".safetensors"):
-                    with open(path, "rb") as handle:
-                        header_size = int.from_bytes(handle.read(8), "little")
-                        header = json.loads(handle.read(header_size))
-                    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-                    if os.path.getsize(path) < 8 + header_size + end:
-                        raise ValueError("shorter than its header says (truncated)")
-                elif name.endswith((".bin", ".pt", ".pth", ".pkl")):
-                    zipfile.ZipFile(path).close()  # torch.save writes a zip archive; its directory is at the end
-                elif name.endswith(".json"):
-                    with open(path) as handle:
-                        json.load(handle)
-            except Exception as err:  # any failure to read means the file is broken
-                broken = f"{os.path.relpath(path, checkpoint)} cannot be read ({type(err).__name__}: {err})"
+    """Every file of a checkpoint readable (headers, not whole tensors) before any model is loaded."""
+    inside = get_last_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
+    named = os.path.basename(os.path.normpath(checkpoint)).startswith("checkpoint-")
+    if inside or not os.path.isdir(checkpoint) or not (named or os.path.exists(os.path.join(checkpoint, marker))):
+        fail(f"--resume {checkpoint!r} is not a checkpoint of this script (a checkpoint-N folder with {marker}). "
+             f"Nothing was loaded. Use --resume alone for the latest one in --output_dir, or --resume "
+             f"{inside or 'with a checkpoint-N path'}.")
+    broken = None if os.path.exists(os.path.join(checkpoint, marker)) else f"{marker} is missing"
+    for path in [os.path.join(root, name) for root, _, files in os.walk(checkpoint) for name in files]:
+        try:
+            if path.endswith(".safetensors"):
+                safe_open(path, framework="pt").keys()  # refuses a truncated file
+            elif path.endswith((".bin", ".pt", ".pth")):
+                zipfile.ZipFile(path).close()  # torch.save writes a zip archive; its directory is at the end
+            elif path.endswith(".json"):
+                read_json(path)
+        except Exception as err:  # any failure to read means the file is broken
+            broken = broken or f"{os.path.relpath(path, checkpoint)} cannot be read ({type(err).__name__}: {err})"
     if broken:
-        parent, name = os.path.split(os.path.normpath(checkpoint))
-        step = int(name.split("-")[-1]) if name.split("-")[-1].isdigit() else None
-        earlier = [other for other in checkpoint_steps(parent or ".", marker) if step is not None and other < step]
-        earlier_hint = f"resume from an earlier one (--resume {os.path.join(parent, f'checkpoint-{earlier[-1]}')}), or " \
-            if earlier else ""
-        fail(f"The checkpoint {checkpoint!r} is incomplete or damaged: {broken}. Nothing was loaded: "
-             f"{earlier_hint}start fresh with --overwrite_output_dir (without --resume).")
+        fail(f"The checkpoint {checkpoint!r} is incomplete or damaged: {broken}. Nothing was loaded: resume from an "
+             f"earlier checkpoint-N (--resume PATH), or start fresh with --overwrite_output_dir (without --resume).")
 
 
 def read_json(path: str) -> dict:
@@ -1250,19 +858,15 @@ def read_json(path: str) -> dict:
         return json.load(handle)
 
 
-def write_json(path: str, data: dict):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file under the real name."""
+def write_json(path: str, data: dict):  # through a temporary file: a crash never leaves half of one
     with open(path + ".tmp", "w") as handle:
         json.dump(data, handle, indent=2)
     os.replace(path + ".tmp", path)
 
 
 def save_atomically(accelerator, staging: str, final: str, save):
-    """Write a checkpoint into `staging` with `save()`, then rename it to `final` once every process is done: a
-    crash while saving never leaves a checkpoint that looks complete. A staging folder left by an earlier crash, and
-    a checkpoint of the same name from before a run was continued from an earlier one, are replaced."""
-    import shutil
-
+    """`save()` into `staging`, renamed to `final` once every process is done: a crash while saving never leaves a
+    checkpoint that looks complete. What is there already (an older crash, a later checkpoint) is replaced."""
     if accelerator.is_main_process and os.path.exists(staging):
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
@@ -1282,10 +886,8 @@ class StopRequest:
 
     LEFT = {"setup": "Nothing was trained yet.",
             "training": "This step's checkpoint was not saved; earlier checkpoints are kept.",
-            "saving": "The trained model may be partly written; the last checkpoint is kept: continue from it with "
-                      "--resume --overwrite_output_dir (which deletes the partly written model).",
-            "evaluation": "The trained model is saved in --output_dir and stays (a new run there needs "
-                          "--overwrite_output_dir); the evaluation (eval.json) was not written.",
+            "saving": "The trained model may be partly written; continue with --resume --overwrite_output_dir.",
+            "evaluation": "The trained model is saved in --output_dir; the evaluation (eval.json) was not written.",
             "reporting": "The trained model and eval.json are saved; what came after them may be incomplete."}
     FINISHING = {"training": "finishing the current step, then saving a checkpoint",
                  "saving": "finishing saving the trained model, then stopping"}
@@ -1294,8 +896,7 @@ class StopRequest:
         self.signal_name, self.phase, self.previous = None, "setup", {}
 
     def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
@@ -1311,20 +912,15 @@ class StopRequest:
         self.signal_name = self.signal_name or name
         self.stop_now(f"\n{name}: stopped at once. {self.LEFT[self.phase]}")
 
-    def requested(self) -> bool:
-        """Whether any process was asked to stop. With several processes all must stop at the same step, and a
-        launcher signals them one by one: they agree here, once per step, on the highest signal number seen."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            number = getattr(signal, self.signal_name) if self.signal_name else 0
-            nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
-            flag = torch.tensor([number], device=torch.cuda.current_device() if nccl else "cpu")
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() and not self.signal_name:
-                self.signal_name = signal.Signals(int(flag.item())).name  # another process's signal stops this one
+    def requested(self, accelerator) -> bool:
+        """Whether any process was asked to stop: all stop at the same step (a launcher signals them one by one)."""
+        if self.signal_name:
+            accelerator.set_trigger()
+        if accelerator.check_trigger() and not self.signal_name:
+            self.signal_name = "SIGTERM"
         return bool(self.signal_name)
 
-    def enter(self, phase: str):
-        """The run moves on to `phase`; a stop asked for while saving takes effect once the model is saved."""
+    def enter(self, phase: str):  # a stop asked for while saving takes effect once the model is saved
         self.phase = phase
         if phase == "evaluation" and self.signal_name:
             self.stop_now(f"\nStopped by {self.signal_name}. {self.LEFT[phase]}")
@@ -1335,115 +931,63 @@ class StopRequest:
         raise SystemExit(128 + getattr(signal, self.signal_name))  # 130 Ctrl-C, 143 SIGTERM: the shell's convention
 
     def exit_after_checkpoint(self, when: str, checkpoint: str):
-        """The interrupted run's checkpoint is saved: say how to continue, and exit with the signal's code."""
         how = f"set resume = {checkpoint!r} in Args and run again" if "ipykernel" in sys.modules else \
             f"  {resume_command(checkpoint)}"
         self.stop_now(f"\nStopped by {self.signal_name} {when}; checkpoint saved in {checkpoint}.\nResume with:\n{how}")
 
 
-class ProgressFromTheResumedStep(ProgressCallback):
-    """transformers' training progress bar, begun at the step a resumed run continues from. Its own begins at 0 and
-    jumps there on the first step, so its first rate and time left counted every resumed step as done in that one
-    (test_the_printed_resume_command_of_a_resumed_run_works_verbatim)."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, dynamic_ncols=True)
-        self.current_step = state.global_step
-
-
-def show_progress_from_the_resumed_step(trainer):
-    """The trainer's progress bar replaced by ProgressFromTheResumedStep, in its place among the callbacks."""
-    callbacks = trainer.callback_handler.callbacks
-    callbacks[:] = [ProgressFromTheResumedStep() if type(callback) is ProgressCallback else callback
-                    for callback in callbacks]
-
-
 def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
-    """The command line of this run, resuming from `checkpoint`: launched the same way (as many processes), without
-    its own --resume (bare, with a value or --resume=PATH) and without --overwrite_output_dir, which would delete
-    the checkpoints."""
-    argv, kept, skip = list(sys.argv[1:] if argv is None else argv), [], False
-    for i, token in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        flag = token.split("=", 1)[0]
-        if flag in ("--resume", "--overwrite_output_dir", "--no_overwrite_output_dir"):
-            skip = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            continue
-        kept.append(token)
+    """This run's command line, resuming from `checkpoint`: launched the same way (as many processes), without its
+    own --resume (bare, with a value or =PATH) and --overwrite_output_dir, which would delete the checkpoints."""
+    argv, dropped = list(sys.argv[1:] if argv is None else argv), ("--resume", "--overwrite_output_dir")
+    kept = [token for i, token in enumerate(argv) if token.split("=", 1)[0] not in dropped
+            and not (i and argv[i - 1] in dropped and not token.startswith("--"))]
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     launcher = ["accelerate", "launch", "--num_processes", str(processes)] if processes > 1 else ["python"]
     return shlex.join([*launcher, SCRIPT, *kept, "--resume", checkpoint])
 
 
 def prepare_tracking(args):
-    """The tracker's project and entity; wandb without credentials logs offline (one line says so) instead of
-    asking for a login."""
+    """wandb's project and entity; without credentials (WANDB_API_KEY, or ~/.netrc as `wandb login` writes it)
+    wandb logs offline, and one line says so, instead of asking for a login."""
     if args.report_to != "wandb":
         return
+    import netrc
+
     os.environ["WANDB_PROJECT"] = args.wandb_project  # read by transformers' wandb callback
-    if args.wandb_entity:
-        os.environ["WANDB_ENTITY"] = args.wandb_entity
-    if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
+    os.environ.update({"WANDB_ENTITY": args.wandb_entity} if args.wandb_entity else {})
+    try:
+        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        logged_in = False
+    if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY") and not logged_in:
         os.environ["WANDB_MODE"] = "offline"
         PartialState().print("wandb: no credentials: logging offline to ./wandb (`wandb login`, then "
                              "`wandb sync ./wandb/offline-run-*` uploads it).")
 
 
-def wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_run_if_open(args):
-    if args.report_to != "wandb":
-        return None
-    import wandb
-
-    return wandb.run
-
-
-def log_evaluation(wandb_run, summary: dict, table: str, rows: list, columns: list):
-    """The final evaluation on wandb, when a run is open: summary values and one table; then the run is closed."""
-    if wandb_run is None:
-        return
-    import wandb
-
-    for key, value in summary.items():
-        wandb_run.summary[key] = value
-    wandb_run.log({table: wandb.Table(columns=columns, data=rows)})
-    wandb_run.finish()  # flush and close the run: the evaluation is the last thing it records
+def log_evaluation(args, summary: dict, table: str, rows: list, columns: list):
+    """The final evaluation on wandb, when a run is open, which it then closes: summary values and one table."""
+    wandb = sys.modules.get("wandb") if args.report_to == "wandb" else None  # imported by transformers' callback
+    if wandb is not None and wandb.run is not None:
+        wandb.run.summary.update(summary)
+        wandb.run.log({table: wandb.Table(columns=columns, data=rows)})
+        wandb.run.finish()  # flush and close the run: the evaluation is the last thing it records
 
 
 def on_gpu(args) -> bool:
     return args.device != "cpu" and torch.cuda.is_available()
 
 
-def tf32_setting(args) -> Optional[bool]:
-    """TrainingArguments' `tf32` (a process-wide matmul setting, which reaches trainers that build their own
-    Accelerator): the choice where the GPU has TF32, else None, PyTorch's default (asking without TF32 raises)."""
+def tf32_setting(args) -> Optional[bool]:  # asking for TF32 where there is none raises
     return args.tf32 if on_gpu(args) and is_torch_tf32_available() else None
-
-
-def set_seed(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 # </shared plumbing>
 
 
 # %% Appendix D: tiny offline preset: a small Llama and preference set built here, saved to disk, and loaded
 # back through the same code as a real run's.
+import random
+
 TASKS = {"reverse a list": "the reversed function", "read a file line by line": "a file iterator",
          "sort a dictionary by value": "the sorted function with a key", "remove duplicates from a list": "a set",
          "parse a date string": "the standard date parser", "join two strings": "the concatenation operator",
@@ -1511,7 +1055,8 @@ def build_tiny_assets(directory: str, seed: int = 0):
                                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
     sentencepiece_like.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *bytes_], initial_alphabet=["▁"], show_progress=False))
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *bytes_], initial_alphabet=["▁"],
+        show_progress=False))
     sentencepiece_like.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", sentencepiece_like.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=sentencepiece_like, bos_token="<s>", eos_token="</s>",

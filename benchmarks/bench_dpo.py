@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Optional
 
 from common import (benchmark_parser, fill_vocabulary, measure_layouts, mfu, parameter_count, parse_benchmark_args,
                     profile_layouts, record, run_script)
@@ -52,7 +51,8 @@ def build_shape_faithful_model(directory: str, num_layers: int, device: str, pai
         rows = []
         for _ in range(count):
             if lengths == "full":
-                prompt_tokens, answer_tokens = min(256, pair_tokens // 4), (pair_tokens - 16 - min(256, pair_tokens // 4))
+                prompt_tokens = min(256, pair_tokens // 4)
+                answer_tokens = pair_tokens - 16 - prompt_tokens
             else:
                 total = min(pair_tokens - 16, max(24, int(rng.lognormvariate(math.log(pair_tokens / 5), 0.8))))
                 prompt_tokens = max(8, min(total // 3, pair_tokens // 2 - 8))
@@ -108,22 +108,18 @@ def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_lla
                 "steps": result["steps"], "pairs_per_step": pairs_per_step,
                 "micro_batch": run_args["per_device_train_batch_size"], "load_in_4bit": run_args["load_in_4bit"],
                 "gradient_checkpointing": run_args["gradient_checkpointing"]}
-    for lever in ("upcast_non_quantized", "use_liger_kernel", "tf32", "group_by_length"):  # absent from older copies
-        settings[lever] = run_args.get(lever)
+    settings["use_liger_kernel"], settings["tf32"] = run_args.get("use_liger_kernel"), run_args.get("tf32")
     steady = measured["steady_seconds_per_step"]
     figures = {"wall_seconds": measured["wall_seconds"], "peak_rss_gib": measured["peak_rss_gib"],
                "first_step_seconds": measured["first_step_seconds"], "steady_seconds_per_step": steady,
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"], "first_loss": measured["first_loss"],
                "accuracy_base": round(result["base"]["accuracy"], 3),
-               "accuracy_trained": round(result["trained"]["accuracy"], 3),
-               "pad_fraction": result.get("pad_fraction")}  # absent from older copies of the script
+               "accuracy_trained": round(result["trained"]["accuracy"], 3)}
     if args.arch != "tiny":
         settings.update(num_layers=args.num_layers, max_length=args.max_length)
-        tokens_per_step = steady_tokens_per_step(result.get("train_log", []))
-        figures["tokens_counted"] = "run" if tokens_per_step else "pairs mean"
-        if not tokens_per_step:  # an older copy of the script, which does not log them
-            tokens_per_step = pairs_per_step * mean_pair_tokens(
-                os.path.join(work, "llama2-7b"), os.path.join(work, "pairs", "data", "rl", "train.jsonl"))
+        # Real (non-pad) tokens of chosen and rejected, as the run counted them, per step: every layout of one
+        # invocation draws the same pairs in the same order.
+        tokens_per_step = result["train_tokens"] / result["steps_this_run"]
         figures["tokens_per_second"] = round(tokens_per_step / steady, 1)
         # 8N FLOPs per token with gradient checkpointing (reference forward, forward, recomputed forward, backward
         # to the inputs: the 4-bit base gets no weight gradients), 6N without.
@@ -131,31 +127,6 @@ def measure(args, work: str, name: str, flags: list[str], script: str = "dpo_lla
             os.path.join(work, "llama2-7b"))
         figures["mfu"] = mfu(flops_per_token * tokens_per_step / steady)
     return record("dpo", settings, figures)
-
-
-def steady_tokens_per_step(train_log: list) -> Optional[float]:
-    """Real (non-pad) tokens of chosen and rejected per step over the steps after the first (those the steady time
-    covers), as the run counted them (TRL's cumulative `num_tokens`, logged every step); None where the log lacks
-    them. Counted, not estimated: with --group_by_length the timed steps hold other pairs than in random order."""
-    counted = [entry for entry in train_log if "num_tokens" in entry]
-    if len(counted) < 2 or counted[0]["step"] != 1:
-        return None
-    return (counted[-1]["num_tokens"] - counted[0]["num_tokens"]) / (counted[-1]["step"] - 1)
-
-
-def mean_pair_tokens(model_dir: str, pairs_file: str) -> float:
-    """Mean tokens of prompt + chosen and prompt + rejected (+ EOS each) over the benchmark's training pairs."""
-    from transformers import AutoTokenizer
-
-    import dpo_llama2_stackexchange as dpo
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    totals = []
-    for line in open(pairs_file):
-        row = json.loads(line)
-        pair = dpo.make_pair(row["question"], row["response_j"], row["response_k"])
-        totals.append(sum(len(tokenizer(pair["prompt"] + pair[key])["input_ids"]) + 1 for key in ("chosen", "rejected")))
-    return sum(totals) / len(totals)
 
 
 def main():
@@ -190,11 +161,6 @@ def compare(args, name: str, new: dict, old: dict) -> dict:
     """One row with the ratios of two rows measured in this invocation (new over old)."""
     figures = {"steady_step_speedup": round(old["figures"]["steady_seconds_per_step"]
                                             / new["figures"]["steady_seconds_per_step"], 2)}
-    if all(row["figures"].get("tokens_counted") == "run" for row in (new, old)):
-        # The fair ratio where the two orders put other pairs in the timed steps (--group_by_length); only between
-        # rows that counted them (an older copy's row estimates them from the pairs' mean).
-        figures["tokens_per_second_ratio"] = round(new["figures"]["tokens_per_second"]
-                                                   / old["figures"]["tokens_per_second"], 2)
     if new["figures"]["peak_gpu_memory_gib"] and old["figures"]["peak_gpu_memory_gib"]:
         figures["peak_gpu_memory_ratio"] = round(new["figures"]["peak_gpu_memory_gib"]
                                                  / old["figures"]["peak_gpu_memory_gib"], 3)

@@ -3,7 +3,7 @@
     python benchmarks/bench_ppo.py                                    # CPU: the tiny preset, end to end
     python benchmarks/bench_ppo.py --arch gpt2 --device cuda          # GPU: GPT-2 124M + DistilBERT 66M shapes
     python benchmarks/bench_ppo.py --arch gpt2 --device cuda --compare_trl_example
-    python benchmarks/bench_ppo.py --arch gpt2 --device cuda -- --tf32 false   # flags after -- go to the script, to both runs
+    python benchmarks/bench_ppo.py --arch gpt2 --device cuda -- --tf32 false   # flags after --: to every run
 
 `--compare_trl_example` also measures, in the same invocation, the same trainer on the same task laid out as TRL's
 own PPO example runs it on one GPU (examples/scripts/ppo/ppo.py: per_device_train_batch_size 64,
@@ -15,9 +15,10 @@ samples/s.
 weights, since no hub is needed or reachable, saves them to disk and runs the script on them at its default
 batch, prompt and response lengths. Speed does not depend on the weights' values.
 
-Each update is timed in two phases (the script logs them as time/rollout_seconds and time/optimisation_seconds):
-rollout = generation, reward, reference and value passes and advantages; optimisation = the PPO epochs. The
-figures are means over the updates after the first (warm-up).
+Every run, the baseline's too, goes through measured_ppo.py, which runs the script as a user does and records
+what a user's run does not: each update's two phases (rollout = generation, reward, reference and value passes
+and advantages; optimisation = the PPO epochs; means over the updates after the first), the first PPO epoch's
+policy ratio error and CUDA graph skips, in OUTPUT_DIR/benchmark.json.
 """
 import json
 import os
@@ -41,7 +42,8 @@ def build_shape_faithful_models(directory: str):
     torch.manual_seed(0)
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config())  # the `gpt2` checkpoint's shape: 124M parameters
     gpt2.save_pretrained(os.path.join(directory, "gpt2"))
-    AutoTokenizer.from_pretrained(os.path.join(directory, "tiny", "gpt2")).save_pretrained(os.path.join(directory, "gpt2"))
+    AutoTokenizer.from_pretrained(os.path.join(directory, "tiny", "gpt2")).save_pretrained(
+        os.path.join(directory, "gpt2"))
     fill_vocabulary(os.path.join(directory, "gpt2"), gpt2.config.vocab_size)
     bert = AutoModelForSequenceClassification.from_config(DistilBertConfig(
         id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}))
@@ -53,17 +55,18 @@ def build_shape_faithful_models(directory: str):
 
 # TRL's example on one GPU (examples/scripts/ppo/ppo.py, its first command): 64 prompts per update in one
 # micro-batch; PPOConfig's defaults for the rest (num_mini_batches 1, local_rollout_forward_batch_size 64), no TF32,
-# and TRL's loop with its gc.collect() and CUDA cache emptying every update and its row-by-row log-probabilities.
-# Still the script's: its training passes build no KV cache (always on), its prompts come from its own loader.
+# and TRL's loop with its gc.collect() and CUDA cache emptying every update. Still the script's: its models build
+# no KV cache in training passes (always on), its prompts come from its own loader.
 TRL_EXAMPLE_BATCH = 64
 TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches", "1", "--tf32", "false",
-                     "--bf16_autocast", "false", "--static_cache_generation", "false", "--compile_ppo_epochs", "none",
-                     "--free_memory_each_update", "true", "--logprob_chunk_mib", "0"]
+                     "--bf16_autocast", "false", "--static_cache_generation", "false", "--compile_ppo_epochs", "false",
+                     "--free_memory_each_update", "true"]
+MEASURED = os.path.join("benchmarks", "measured_ppo.py")
 
 
 def script_command(args, work: str, output_dir: str, batch_size: int, updates, script: str) -> list:
-    """The command line of one run (flags added after it win)."""
-    command = [script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
+    """The command line of one run of `script` through measured_ppo.py (flags added after it win)."""
+    command = [MEASURED, "--script", script, "--output_dir", output_dir, "--device", args.device, "--report_to", "none",
                "--sample_every", "0", "--save_steps", "0", "--batch_size", str(batch_size)]
     if args.arch == "tiny":
         command += ["--preset", "tiny", "--tiny_assets_dir", os.path.join(work, "tiny")]
@@ -79,12 +82,7 @@ def profiled_run(args, work: str, name: str, batch_size: int, flags: list[str], 
     output_dir = os.path.join(work, f"{name}-profiled")
     shutil.rmtree(output_dir, ignore_errors=True)
     return run_script(script_command(args, work, output_dir, batch_size, args.profile_step, "ppo_gpt2_imdb.py")
-                      + flags, profile, compile_decode_on_cpu(args))
-
-
-def compile_decode_on_cpu(args) -> bool:
-    """--compile_decode_on_cpu, on a CPU run (a GPU compiles static-cache decoding anyway)."""
-    return args.compile_decode_on_cpu and args.device == "cpu"
+                      + flags, profile)
 
 
 def measure(args, work: str, name: str, batch_size: int, flags: list[str], script: str = "ppo_gpt2_imdb.py") -> dict:
@@ -92,41 +90,34 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
     output_dir = os.path.join(work, name)
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run each time (the scripts refuse to overwrite one)
     updates = args.updates or (5 if args.arch == "gpt2" else None)
-    measured = run_script(script_command(args, work, output_dir, batch_size, updates, script) + flags,
-                          compile_decode_on_cpu=compile_decode_on_cpu(args))
+    measured = run_script(script_command(args, work, output_dir, batch_size, updates, script) + flags)
     result = json.load(open(os.path.join(output_dir, "eval.json")))
+    extra = json.load(open(os.path.join(output_dir, "benchmark.json")))
     run_args = result["args"]
     settings = {"arch": args.arch, "device": args.device, "layout": name, "batch_size": run_args["batch_size"],
                 "micro_batch": run_args["batch_size"] // run_args["gradient_accumulation_steps"],
                 "num_mini_batches": run_args["num_mini_batches"], "num_ppo_epochs": run_args["num_ppo_epochs"],
                 "response_length": run_args["response_length"], "tf32": run_args["tf32"] and args.device == "cuda",
                 "free_memory_each_update": run_args["free_memory_each_update"], "updates": result["updates"]}
-    # Absent from copies older than these settings. Autocast acts on a GPU only; the static cache on any device
-    # (compiled on a GPU, or with --compile_decode_on_cpu).
-    settings["bf16_autocast"] = run_args.get("bf16_autocast", False) and args.device == "cuda"
-    settings["static_cache_generation"] = run_args.get("static_cache_generation", False)
-    settings["compile_decode"] = run_args.get("compile_decode", "reduce-overhead") \
-        if settings["static_cache_generation"] else None  # older copies: transformers' own
-    settings["compile_ppo_epochs"] = run_args.get("compile_ppo_epochs")
-    settings["compile_scope"] = run_args.get("compile_scope", "whole") if settings["compile_ppo_epochs"] else None
-    settings["logprob_chunk_mib"] = run_args.get("logprob_chunk_mib", 0)  # older copies: TRL's row-by-row loop
-    if compile_decode_on_cpu(args):
-        settings["decode_compiled_on_cpu"] = True
+    for lever in ("bf16_autocast", "static_cache_generation", "compile_ppo_epochs"):  # they act on a GPU only
+        # Older copies: absent, or compile_ppo_epochs a mode's name ("none": off)
+        settings[lever] = run_args.get(lever) not in (None, False, "none") and args.device == "cuda"
     steady = measured["steady_seconds_per_step"]
     samples = run_args["batch_size"]
     figures = {"wall_seconds": measured["wall_seconds"], "peak_rss_gib": measured["peak_rss_gib"],
                "first_update_seconds": measured["first_step_seconds"], "steady_seconds_per_update": steady,
                "samples_per_second": round(samples / steady, 2),
-               "rollout_seconds_per_update": result["rollout_seconds_per_update"],
-               "optimisation_seconds_per_update": result["optimisation_seconds_per_update"],
-               # The first update's phases: where its compilation went (older copies do not record them).
-               "first_rollout_seconds": result.get("first_rollout_seconds"),
-               "first_optimisation_seconds": result.get("first_optimisation_seconds"),
+               "rollout_seconds_per_update": extra["rollout_seconds_per_update"],
+               "optimisation_seconds_per_update": extra["optimisation_seconds_per_update"],
+               # The first update's phases: where its compilation went
+               "first_rollout_seconds": extra["first_rollout_seconds"],
+               "first_optimisation_seconds": extra["first_optimisation_seconds"],
                # A pass over IMDB's training reviews (about 195 updates of 128), warm-up and compilation included.
-               "full_pass_seconds": round(measured["first_step_seconds"] + (FULL_PASS_PROMPTS / samples - 1) * steady, 1),
+               "full_pass_seconds": round(measured["first_step_seconds"]
+                                          + (FULL_PASS_PROMPTS / samples - 1) * steady, 1),
                "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
-               "policy_ratio_error": result.get("policy_ratio_error"),
-               "cuda_graph_skips": result.get("cuda_graph_skips"),  # compiled graphs run without CUDA graphs
+               "policy_ratio_error": extra["policy_ratio_error"],
+               "cuda_graph_skips": extra["cuda_graph_skips"],  # compiled graphs run without CUDA graphs
                "mfu": mfu(ppo_flops_per_update(work, args.arch, run_args) / steady) if args.arch != "tiny" else None,
                "reward_reference": round(result["reference"]["reward_mean"], 3),
                "reward_trained": round(result["trained"]["reward_mean"], 3)}
@@ -150,11 +141,13 @@ def ppo_flops_per_update(work: str, arch: str, run_args: dict) -> float:
 def compare(args, name: str, new: dict, old: dict) -> dict:
     """One row with the ratios of two rows measured in this invocation (new over old)."""
     new_figures, old_figures = new["figures"], old["figures"]
-    figures = {"samples_per_second_ratio": round(new_figures["samples_per_second"] / old_figures["samples_per_second"], 2),
+    figures = {"samples_per_second_ratio": round(new_figures["samples_per_second"]
+                                                 / old_figures["samples_per_second"], 2),
                "full_pass_seconds_old": old_figures["full_pass_seconds"],
                "full_pass_seconds_new": new_figures["full_pass_seconds"]}
     if new_figures["peak_gpu_memory_gib"] and old_figures["peak_gpu_memory_gib"]:
-        figures["peak_gpu_memory_ratio"] = round(new_figures["peak_gpu_memory_gib"] / old_figures["peak_gpu_memory_gib"], 3)
+        figures["peak_gpu_memory_ratio"] = round(new_figures["peak_gpu_memory_gib"]
+                                                 / old_figures["peak_gpu_memory_gib"], 3)
     return record("ppo", {"arch": args.arch, "device": args.device, "comparison": name}, figures)
 
 
@@ -162,9 +155,6 @@ def main():
     parser = benchmark_parser(__doc__, "ppo_gpt2_imdb.py", ["tiny", "gpt2"])
     parser.add_argument("--updates", type=int, default=None, help="PPO updates to time (gpt2 default: 5)")
     parser.add_argument("--batch_size", type=int, default=None, help="prompts per update (default: the script's)")
-    parser.add_argument("--compile_decode_on_cpu", action="store_true",
-                        help="compile static-cache decoding on a CPU as transformers does on a GPU, so that profiles "
-                             "of static-cache layouts count the operations a GPU run makes")
     parser.add_argument("--compare_trl_example", action="store_true",
                         help="also measure TRL's one-GPU example layout on the same task and record the speed-up")
     args, script_flags, variants = parse_benchmark_args(parser)

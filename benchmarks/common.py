@@ -71,11 +71,10 @@ def versions() -> dict:
     return {name: metadata.version(name) for name in ("torch", "trl", "transformers", "peft", "bitsandbytes")}
 
 
-def run_script(command: list[str], profile: str = "", compile_decode_on_cpu: bool = False) -> dict:
+def run_script(command: list[str], profile: str = "") -> dict:
     """Run `python <command>` from the repo root with every optimizer step timed (step_timer.py); return wall
     seconds, the child's peak RSS, the first step's seconds (warm-up, compilation), the mean seconds of the steps
-    after it, and the first logged loss. `profile` ("STEP:PATH") also profiles that step into PATH;
-    `compile_decode_on_cpu` compiles static-cache decoding on a CPU as on a GPU (see step_timer.py)."""
+    after it, and the first logged loss. `profile` ("STEP:PATH") also profiles that step into PATH."""
     import tempfile
 
     from step_timer import steady
@@ -86,8 +85,7 @@ def run_script(command: list[str], profile: str = "", compile_decode_on_cpu: boo
     child = subprocess.Popen([sys.executable, timer, times, *command], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-                                  "STEP_TIMER_PROFILE": profile,
-                                  "STEP_TIMER_COMPILE_DECODE_ON_CPU": "1" if compile_decode_on_cpu else ""})
+                                  "STEP_TIMER_PROFILE": profile})
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)  # resource usage of this child alone
     if os.waitstatus_to_exitcode(status) != 0:

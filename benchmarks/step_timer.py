@@ -12,11 +12,7 @@ library calls they make) and, on a GPU, its kernel launches (a CUDA graph replay
 which the GPU ran any kernel. Busy time well under the step's wall time means the GPU waited for the host (Python,
 launches, the reward's text round trip): fewer operations pay there, not fewer FLOPs. Profiling slows that step,
 the next (which writes the table) and, measured at GPT-2 size, the later ones too (its retained memory): the
-benchmarks profile in a run of their own and time only unprofiled runs.
-
-With STEP_TIMER_COMPILE_DECODE_ON_CPU=1, transformers compiles the decode step of every `generate` call that has a
-static cache, on any device, as it does on a GPU (it leaves a CPU's uncompiled): a CPU run then counts the operations
-a GPU run of a static-cache layout makes."""
+benchmarks profile in a run of their own and time only unprofiled runs."""
 import json
 import os
 import runpy
@@ -132,16 +128,6 @@ def write_profile(profiler, path: str, step: int, seconds: float, counts: dict):
         handle.write("\n".join(tables) + "\n")
 
 
-def compile_static_cache_decode_on_any_device():
-    """transformers compiles a `generate` call's decode step only on accelerators, where the call has a static
-    cache; decide as it does on a GPU, whatever the device."""
-    from transformers.cache_utils import StaticCache
-    from transformers.generation.utils import GenerationMixin
-
-    GenerationMixin._valid_auto_compile_criteria = lambda self, model_kwargs, generation_config: isinstance(
-        model_kwargs.get("cache"), StaticCache) and not generation_config.disable_compile
-
-
 def install(path: str):
     original = CallbackHandler.__init__
     profile = os.environ.get("STEP_TIMER_PROFILE", "")
@@ -162,8 +148,6 @@ def steady(step_seconds: list, warm_up: int = 1) -> dict:
 if __name__ == "__main__":
     out, script, *script_args = sys.argv[1:]
     install(os.path.abspath(out))
-    if os.environ.get("STEP_TIMER_COMPILE_DECODE_ON_CPU") == "1":
-        compile_static_cache_decode_on_any_device()
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

@@ -5,7 +5,7 @@ import re
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, tiny_argv
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import common  # noqa: E402
@@ -35,7 +35,7 @@ def test_trl_example_layout_turns_off_every_gpu_lever_of_the_script_defaults(tmp
     theirs = ppo.parse_args(bench_ppo.TRL_EXAMPLE_FLAGS + ["--output_dir", str(tmp_path / "run")])
     ppo.validate(theirs)
     assert not (theirs.static_cache_generation or theirs.compile_ppo_epochs or theirs.bf16_autocast or theirs.tf32)
-    assert theirs.free_memory_each_update and theirs.logprob_chunk_mib == 0
+    assert theirs.free_memory_each_update
 
 
 def test_step_timer_profiles_one_step_and_records_which_steps_it_cost(tmp_path):
@@ -135,37 +135,9 @@ def test_profile_layouts_must_name_measured_layouts(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             common.parse_benchmark_args(parser)
         assert says in capsys.readouterr().err
-    monkeypatch.setattr(sys, "argv", ["bench", "--profile_step", "3", "--profile_layouts", "slow", "--variant", "slow: -x"])
+    monkeypatch.setattr(sys, "argv", ["bench", "--profile_step", "3", "--profile_layouts", "slow", "--variant",
+                                      "slow: -x"])
     assert common.parse_benchmark_args(parser)[0].profile_layouts == "slow"
-
-
-def test_compile_decode_on_cpu_makes_transformers_compile_static_cache_calls_as_on_a_gpu(tmp_path):
-    """bench_ppo --compile_decode_on_cpu: the child run then compiles the decode of exactly the `generate` calls
-    that have a static cache, as transformers does on a GPU; without it, a CPU compiles none (so the profiles of
-    static-cache layouts on a CPU would count eager decoding)."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import sys\n"
-        "from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, GenerationConfig, StaticCache\n"
-        "model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16))\n"
-        "static = StaticCache(config=model.config, max_cache_len=8)\n"
-        "decide = lambda cache: model._valid_auto_compile_criteria({'cache': cache}, GenerationConfig())\n"
-        "open(sys.argv[1], 'w').write(' '.join(str(decide(c)) for c in (static, DynamicCache(), None)))\n")
-    for compiled, expected in ((True, "True False False"), (False, "False False False")):
-        common.run_script([str(probe), str(tmp_path / "decisions.txt")], compile_decode_on_cpu=compiled)
-        assert (tmp_path / "decisions.txt").read_text() == expected
-
-
-def test_dpo_tokens_per_second_counts_the_timed_steps_own_tokens():
-    """The steady time covers steps 2..N, so the real tokens are those of steps 2..N, from the run's cumulative
-    count; a log without counts (an older copy of the script) gives None, and the pairs' mean is used instead."""
-    import bench_dpo
-
-    log = [{"step": 1, "loss": 0.69, "num_tokens": 900.0}, {"step": 2, "num_tokens": 1500.0},
-           {"step": 3, "num_tokens": 1800.0}, {"step": 4, "num_tokens": 2700.0}]
-    assert bench_dpo.steady_tokens_per_step(log) == (2700 - 900) / 3
-    assert bench_dpo.steady_tokens_per_step([{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.6}]) is None
-    assert bench_dpo.steady_tokens_per_step(log[1:]) is None  # the first step's count is needed to leave it out
 
 
 def test_a_failing_layout_gets_a_row_saying_why_and_the_others_still_run(tmp_path, monkeypatch, capsys):
@@ -209,40 +181,53 @@ def run_benchmark(module_name: str, argv: list, tmp_path, monkeypatch, capsys) -
 
 
 @pytest.mark.slow
+def test_measured_ppo_records_each_updates_phases_and_the_first_epochs_policy_ratio(ppo_assets, tmp_path):
+    """What the user's run no longer measures, the wrapper does, beside the run's own eval.json: both phases of
+    each update (parts of the training time), their means after the first update, and the first PPO epoch's policy
+    ratio, which in fp32 stays 1 (measured 0.0 to 6 places on 2 CPU cores). The script's trainer is put back."""
+    import measured_ppo
+    import ppo_gpt2_imdb as ppo
+
+    trainer_class = ppo.SentimentPPOTrainer
+    measured = measured_ppo.main(tiny_argv(ppo_assets, tmp_path, "--total_episodes", "96", "--num_eval_prompts", 8))
+    assert ppo.SentimentPPOTrainer is trainer_class
+    assert json.loads((tmp_path / "benchmark.json").read_text()) == measured
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["updates"] == 3 and not {"policy_ratio_error", "rollout_seconds_per_update"} & set(result)
+    rollout, optimisation = measured["rollout_seconds"], measured["optimisation_seconds"]
+    assert len(rollout) == len(optimisation) == 3 and min(rollout + optimisation) > 0
+    assert sum(rollout + optimisation) <= result["train_seconds"] + 0.01  # parts of training (train_seconds: 2 places)
+    assert measured["first_rollout_seconds"] == rollout[0]
+    assert measured["optimisation_seconds_per_update"] == round(sum(optimisation[1:]) / 2, 4)
+    assert measured["policy_ratio_error"] < 1e-4 and measured["cuda_graph_skips"] == 0
+
+
+@pytest.mark.slow
 def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_example_layout(
         ppo_assets, tmp_path, monkeypatch, capsys):
-    """The baseline here is the script itself (copied): the point is the bookkeeping, not a speed-up. A variant
-    that fails gets a row saying why, and the rest still runs. --profile_step profiles update 2 after every timed
-    row, in runs of their own (timed runs are never profiled), each with a row of its counts; --profile_layouts
-    picks which (here not the failing variant: that a failed profiled run gets its row, and that layouts with the
-    same flags are profiled once, test_profile_layouts_profiles_the_named_layouts_each_once shows without paying
-    a child process for each)."""
+    """Every run goes through measured_ppo.py, whose benchmark.json gives the phases and the ratio error. The
+    baseline here is the script itself (copied, run as another copy): the point is the bookkeeping. A variant
+    that fails gets a row saying why, and the rest still runs. (Profiling is checked without a child process of
+    its own: test_profile_layouts_profiles_the_named_layouts_each_once.)"""
     import shutil
 
     os.symlink(ppo_assets, tmp_path / "tiny")  # the tiny models, already built
     shutil.copy(os.path.join(REPO, "ppo_gpt2_imdb.py"), tmp_path / "ppo_gpt2_imdb.py")
     rows = run_benchmark(
         "bench_ppo", ["--updates", "3", "--compare_trl_example", "--baseline", str(tmp_path), "--work_dir",
-                      str(tmp_path), "--profile_step", "2", "--profile_layouts", "script-defaults", "--variant",
+                      str(tmp_path), "--variant",
                       "broken: --compile_ppo_epochs fast", "--", "--num_eval_prompts", "8"], tmp_path, monkeypatch,
         capsys)
     names = [row["settings"].get("layout", row["settings"].get("comparison")) for row in rows]
     assert names == ["baseline", "script-defaults", "script-defaults vs baseline", "broken", "trl-example",
-                     "script-defaults vs trl-example", "script-defaults-profile"]
-    old, ours, versus, broken, theirs, comparison, profiled = rows
-    assert "must be one of" in broken["figures"]["failed"]
-    assert profiled["settings"]["profiled_update"] == 2 and profiled["figures"]["operations_per_update"] > 1000
-    assert profiled["figures"]["kernel_launches_per_update"] is None  # no GPU here
-    assert profiled["figures"]["gpu_busy_seconds_per_update"] is None
-    assert profiled["figures"]["profiled_update_seconds"] > 0 and profiled["figures"]["first_update_seconds_warm"] > 0
-    profile = (tmp_path / "script-defaults.profile.txt").read_text()
-    assert profile.startswith("Step 2: ") and "By CPU time" in profile and "aten::" in profile
-    assert ours["settings"]["updates"] == 3 and json.loads((tmp_path / "script-defaults-profiled" / "eval.json")
-                                                            .read_text())["updates"] == 2
+                     "script-defaults vs trl-example"]
+    old, ours, versus, broken, theirs, comparison = rows
+    assert "--compile_ppo_epochs" in broken["figures"]["failed"]
+    assert ours["settings"]["updates"] == 3
     assert old["settings"]["layout"] == "baseline" and ours["settings"]["layout"] == "script-defaults"
     assert ours["settings"]["batch_size"] == 32 and ours["settings"]["num_mini_batches"] == 2
-    assert ours["settings"]["compile_ppo_epochs"] is None and ours["settings"]["compile_scope"] is None  # eager
-    assert ours["settings"]["compile_decode"] is None  # no static cache: nothing to compile
+    for lever in ("compile_ppo_epochs", "static_cache_generation", "bf16_autocast"):
+        assert ours["settings"][lever] is False  # on a GPU only
     assert theirs["settings"]["batch_size"] == 64 and theirs["settings"]["micro_batch"] == 64
     assert theirs["settings"]["num_mini_batches"] == 1 and theirs["settings"]["updates"] == 3
     for row in (old, ours, theirs):
@@ -255,6 +240,7 @@ def test_ppo_benchmark_times_both_phases_and_compares_with_a_baseline_and_trl_ex
         assert figures["samples_per_second"] == round(row["settings"]["batch_size"] / steady, 2)
         passes = 195 * 128 / row["settings"]["batch_size"] - 1
         assert figures["full_pass_seconds"] == round(figures["first_update_seconds"] + passes * steady, 1)
+        assert figures["policy_ratio_error"] < 1e-4 and figures["cuda_graph_skips"] == 0  # from measured_ppo.py
     ratio = ours["figures"]["samples_per_second"] / theirs["figures"]["samples_per_second"]
     assert comparison["figures"]["samples_per_second_ratio"] == round(ratio, 2)
     ratio = ours["figures"]["samples_per_second"] / old["figures"]["samples_per_second"]
@@ -322,9 +308,8 @@ def test_shape_faithful_llama_passes_the_dpo_scripts_own_loading_checks(dpo_asse
 
 def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_its_deadline(tmp_path):
     """Checked here with stand-ins for nvidia-smi and the benchmarks (a GPU session is too scarce to find these
-    out there): one group per call, a baseline copy that exists, parts that cannot finish before DEADLINE skipped
-    rather than cut off, each part's rows summarised."""
-    import dataclasses
+    out there): one group per call (ppo or dpo), a baseline copy that exists, parts that cannot finish before
+    DEADLINE skipped rather than cut off, each part's rows summarised."""
     import subprocess
 
     import dpo_llama2_stackexchange as dpo
@@ -336,7 +321,8 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
     calls = tmp_path / "calls.tsv"  # each benchmark command, its arguments tab-separated
     (stubs / "python3").write_text(f'#!/bin/sh\n[ "$1" = "-c" ] && exec {sys.executable} "$@"\n'
                                    f'printf "%s\\t" "$@" >> {calls}; echo >> {calls}\n'
-                                   'echo \'{"benchmark": "dpo", "settings": {"layout": "stub"}, "figures": {"s": 1}}\'\n')
+                                   'echo \'{"benchmark": "dpo", "settings": {"layout": "stub"}, '
+                                   '"figures": {"s": 1}}\'\n')
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     baseline = tmp_path / "old"
@@ -358,42 +344,21 @@ def test_gpu_session_refuses_a_missing_group_or_baseline_and_skips_parts_past_it
     assert re.search(r"== dpo_spread_lengths: skipped \(needs up to 260 s, (200|19\d) s left\)", ran.stdout), ran.stdout
     assert "== dpo: exit 0" in ran.stdout and "== dpo_batch1: exit 0" in ran.stdout and "stub {'s': 1}" in ran.stdout
     assert (tmp_path / "out" / "RESULTS.md").exists() and (tmp_path / "out" / "profiles.txt").exists()
-    compiled = session(str(baseline), "compile")
-    for part in ("compile_cudagraphs_backend", "compile"):
-        assert f"== {part}: exit 0" in compiled.stdout
-    logprobs = session(str(baseline), "logprobs")
-    for part in ("logprobs_eager", "logprobs_defaults"):
-        assert f"== {part}: exit 0" in logprobs.stdout
-    assert session(str(baseline), "ppo").returncode == 0
-    # Every setting a variant names is one of the script's (a misspelt one would cost a GPU session its row).
+    assert "== dpo_spread_lengths: exit 0" in session(str(baseline), "dpo").stdout  # in time now
+    ppo_run = session(str(baseline), "ppo")
+    assert ppo_run.returncode == 0 and "== ppo: exit 0" in ppo_run.stdout
+    # Every variant's flags parse as its script's settings (a misspelt or removed one would cost a GPU session its
+    # row); the PPO group also measures TRL's example layout.
     commands = [line.rstrip("\t").split("\t") for line in calls.read_text().splitlines()]
-    variants = [flags for command in commands for option, flags in zip(command, command[1:]) if option == "--variant"]
-    assert any("static-cache-cudagraphs-backend" in variant for variant in variants), variants
-    settings = {flag[2:] for variant in variants for flag in variant.partition(":")[2].split() if flag.startswith("--")}
-    # The logprobs group: chunks, TRL's, chunks again, once in the eager fp32 layout (its flags after --) and once
-    # at the defaults (nothing after --).
-    logprob_runs = [command for command in commands if "chunks-again:" in command]
-    assert len(logprob_runs) == 2 and all("trl-logprobs: --logprob_chunk_mib 0" in run for run in logprob_runs)
-    assert [run[run.index("--") + 1:] if "--" in run else [] for run in logprob_runs] == [
-        ["--static_cache_generation", "false", "--compile_ppo_epochs", "none", "--bf16_autocast", "false"], []]
-    ppo_settings, dpo_settings = ({field.name for field in dataclasses.fields(module.Args)} for module in (ppo, dpo))
-    assert settings and settings <= ppo_settings | dpo_settings, settings - ppo_settings - dpo_settings
-
-
-@pytest.mark.slow
-def test_compile_benchmark_compiles_each_scope_cold_in_its_own_process(tmp_path, monkeypatch, capsys):
-    """One row per scope, each from a child with empty inductor and Triton caches; the regional scope's gradients,
-    on its third step, match eager ones (measured on 2 CPU cores, 2-layer model, batch 4, cold caches: first step
-    17.2 s compiled whole, 11.4 s per block, each one graph). The whole scope is what --compile_ppo_epochs does,
-    tested with the script."""
-    rows = run_benchmark("bench_compile", ["--arch", "tiny", "--scopes", "blocks,eager", "--batch_size", "4",
-                                           "--steps", "1"], tmp_path, monkeypatch, capsys)
-    assert [row["settings"]["scope"] for row in rows] == ["blocks", "eager"]
-    blocks, eager = (row["figures"] for row in rows)
-    assert blocks["compiled_blocks"] == 4 and (blocks["graphs"], blocks["graph_breaks"]) == (1, 0)
-    assert eager["graphs"] == 0
-    assert blocks["largest_relative_gradient_difference"] < 1e-4
-    assert blocks["cuda_graphs_recorded"] is None and blocks["cuda_graph_skips"] == 0  # no GPU here
-    assert all(figures["first_step_seconds"] > 0 and figures["steady_seconds_per_step"] > 0
-               for figures in (blocks, eager))
-    assert "| compile |" in (tmp_path / "RESULTS.md").read_text()
+    variants = {}
+    for command in commands:
+        script = ppo if "benchmarks/bench_ppo.py" in command else dpo
+        for option, variant in zip(command, command[1:]):
+            if option == "--variant":
+                name, _, flags = variant.partition(":")
+                variants[name] = script.parse_args(flags.split())
+    assert sorted(variants) == ["eager-fp32", "no-liger"], variants
+    eager = variants["eager-fp32"]
+    assert not (eager.static_cache_generation or eager.compile_ppo_epochs or eager.bf16_autocast)
+    assert not variants["no-liger"].use_liger_kernel
+    assert any("--compare_trl_example" in command for command in commands if "benchmarks/bench_ppo.py" in command)

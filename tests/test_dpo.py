@@ -125,16 +125,19 @@ def test_missing_columns_empty_datasets_and_missing_data_dirs_are_explained(dpo_
     stops_with(r"lacks the column\(s\) response_j, response_k \(it has: question, answer\).*--dataset_name",
                dpo.load_pairs, args, tokenizer, "data/rl", None, "train_data_dir")
     args = tiny_args(dpo_assets, tmp_path, "--max_prompt_length", "3")
-    stops_with(r"No usable pair .* fits --max_prompt_length 3", dpo.load_pairs, args, tokenizer, "data/rl", None,
-               "train_data_dir")
+    stops_with(r"No usable pair is left in .*: kept none of 600 pairs; dropped 0 with a missing question or answer, 0 "
+               r"with an empty answer, 0 with identical answers, 600 over --max_prompt_length 3", dpo.load_pairs, args,
+               tokenizer, "data/rl", None, "train_data_dir")
     directory = write_pairs(tmp_path / "same", [{"question": "q", "response_j": "Use a set.",
                                                  "response_k": "Use a set."}] * 3)
-    stops_with(r"No pair in .* can teach a preference: of 3 read, 0 miss a question or answer, 0 have an empty answer "
-               r"and 3 identical answers", dpo.load_pairs, tiny_args(dpo_assets, tmp_path, "--dataset_name", directory),
-               tokenizer, "data/rl", None, "train_data_dir")
+    stops_with(r"No usable pair is left in .*: kept none of 3 pairs; dropped 0 with a missing question or answer, 0 "
+               r"with an empty answer, 3 with identical answers, 0 over", dpo.load_pairs,
+               tiny_args(dpo_assets, tmp_path, "--dataset_name", directory), tokenizer, "data/rl", None,
+               "train_data_dir")
     write_pairs(tmp_path / "empty", [])
-    stops_with(r"Could not load .*empty' \(--dataset_name and --train_data_dir\): StopIteration \(nothing was read: "
-               r"an empty file\?\)", dpo.load_pairs, tiny_args(dpo_assets, tmp_path, "--dataset_name",
+    stops_with(r"Could not load .*empty' \(--dataset_name and --train_data_dir\): StopIteration:?\. Check "
+               r"--dataset_name "
+               r"and --train_data_dir", dpo.load_pairs, tiny_args(dpo_assets, tmp_path, "--dataset_name",
                                                            str(tmp_path / "empty")), tokenizer, "data/rl", None,
                "train_data_dir")
     args = tiny_args(dpo_assets, tmp_path, "--eval_data_dir", "data/validation")
@@ -166,37 +169,27 @@ def test_base_is_loaded_in_4bit_nf4_with_double_quantisation(dpo_assets, tmp_pat
     assert gpu_config.bnb_4bit_compute_dtype == torch.bfloat16
 
 
-def test_non_quantized_weights_stay_in_the_compute_dtype_unless_upcast_is_asked_for(dpo_assets, tmp_path,
-                                                                                      monkeypatch):
-    """peft's prepare_model_for_kbit_training keeps fp32 copies of embeddings, norms and lm_head, which makes the
-    whole residual stream fp32 on a GPU (H200, 16 pairs per step: 6.29 -> 4.90 s per step and 11.7 -> 9.0 GiB
-    without them). bf16 is the GPU's compute dtype; forced here so that the difference shows on a CPU."""
+def test_non_quantized_weights_stay_in_the_compute_dtype(dpo_assets, tmp_path, monkeypatch):
+    """Embeddings, norms and lm_head are not upcast to fp32 (as peft's prepare_model_for_kbit_training would, which
+    makes the whole residual stream fp32). bf16 is a GPU's compute dtype; forced here so that it shows on a CPU."""
     monkeypatch.setattr(dpo, "compute_dtype", lambda args: torch.bfloat16)
-    kept = dpo.load_model(tiny_args(dpo_assets, tmp_path))
-    upcast = dpo.load_model(tiny_args(dpo_assets, tmp_path, "--upcast_non_quantized", "true"))
-    for model, dtype in ((kept, torch.bfloat16), (upcast, torch.float32)):
-        assert model.get_input_embeddings().weight.dtype == dtype
-        assert model.get_output_embeddings().weight.dtype == dtype
-        assert {m.weight.dtype for n, m in model.named_modules() if n.endswith("norm")} == {dtype}
-        assert not any(p.requires_grad for p in model.parameters())
-        assert model.is_gradient_checkpointing
+    model = dpo.load_model(tiny_args(dpo_assets, tmp_path))
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert {m.weight.dtype for n, m in model.named_modules() if n.endswith("norm")} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_liger_kernel_is_on_only_where_a_gpu_and_the_package_are(tmp_path, monkeypatch, capsys):
-    cpu = dpo.parse_args(["--output_dir", str(tmp_path), "--device", "cpu", "--optim", "adamw_torch"])
-    assert dpo.build_dpo_config(cpu).use_liger_kernel is False
-    stops_with(r"--use_liger_kernel needs a CUDA GPU", dpo.validate,
-               dpo.parse_args(["--output_dir", str(tmp_path), "--device", "cpu", "--optim", "adamw_torch",
-                               "--use_liger_kernel", "true"]))
-    monkeypatch.setattr(dpo, "on_gpu", lambda args: True)  # a GPU machine, as far as these settings go
-    for installed in (True, False):
+    for gpu, installed in ((False, True), (True, True), (True, False)):
+        monkeypatch.setattr(dpo, "on_gpu", lambda args: gpu)  # a GPU machine, as far as these settings go
         monkeypatch.setattr(dpo, "liger_installed", lambda: installed)
-        gpu = dpo.parse_args(["--output_dir", str(tmp_path)])
-        assert dpo.use_liger(gpu) is installed
-        dpo.validate(gpu)
-        assert ("pip install liger-kernel" in capsys.readouterr().out) is not installed  # one line when missing
-    stops_with(r"needs the liger-kernel package.*pip install liger-kernel", dpo.validate,
-               dpo.parse_args(["--output_dir", str(tmp_path), "--use_liger_kernel", "true"]))
+        argv = ["--output_dir", str(tmp_path), "--optim", "adamw_torch", "--device", "cpu"]
+        monkeypatch.setattr(dpo, "DPOConfig", lambda **settings: settings)  # GPU settings, read on a CPU
+        assert dpo.build_dpo_config(dpo.parse_args(argv))["use_liger_kernel"] is (gpu and installed)
+        assert dpo.build_dpo_config(dpo.parse_args([*argv, "--no_use_liger_kernel"]))["use_liger_kernel"] is False
+        dpo.validate(dpo.parse_args(argv))
+        assert ("pip install liger-kernel" in capsys.readouterr().out) is (gpu and not installed)  # one line then
 
 
 def test_lora_covers_every_attention_and_mlp_projection(dpo_assets, tmp_path):
@@ -240,14 +233,16 @@ def test_lora_gradients_after_an_eval_pass_equal_those_of_a_fresh_load(dpo_asset
 
 def test_the_trainer_the_script_builds_uses_the_base_with_adapters_disabled_as_reference(dpo_assets, tmp_path,
                                                                                         monkeypatch):
-    """The script's own trainer, caught as main() starts training: no second model, a peft model whose trained
-    adapters move the logits, and with them disabled, exactly the base's logits (a fresh load's)."""
+    """The script's own trainer, caught as main() starts training: no second model, a peft model (with gradient
+    checkpointing on) whose trained adapters move the logits, and with them disabled, exactly the base's logits (a
+    fresh load's)."""
     built = []
     real_train = dpo.QLoRADPOTrainer.train
     monkeypatch.setattr(dpo.QLoRADPOTrainer, "train", lambda self, **kw: built.append(self) or real_train(self, **kw))
     run_tiny(dpo, dpo_assets, tmp_path, "--max_steps", "5", "--eval_steps", "0", "--num_eval_generations", "0")
     (trainer,) = built
     assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
+    assert trainer.model.is_gradient_checkpointing
     args = tiny_args(dpo_assets, tmp_path / "fresh")
     tokenizer = dpo.load_tokenizer(args)
     ids = tokenizer(["Question: How do I sort a dictionary by value in ruby?\n\nAnswer:"], return_tensors="pt")
@@ -259,14 +254,15 @@ def test_the_trainer_the_script_builds_uses_the_base_with_adapters_disabled_as_r
             torch.testing.assert_close(trainer.model(**ids).logits, base_logits)
 
 
-def test_a_model_directory_without_tokenizer_files_is_explained_in_a_sentence(dpo_assets, tmp_path):
-    """transformers 5 fails there with "Couldn't instantiate the backend tokenizer from one of: ..." (a list, not a
-    sentence); the script says what is missing and what to do."""
+def test_a_model_directory_without_tokenizer_files_stops_in_one_paragraph_naming_the_setting(dpo_assets, tmp_path):
+    """transformers 5 fails there with "Couldn't instantiate the backend tokenizer from one of: ..." (cut short in
+    a paragraph); the script says what is missing and what to do, names the setting, and writes nothing."""
     bare = tmp_path / "bare_llama"
     AutoModelForCausalLM.from_pretrained(os.path.join(dpo_assets, "llama")).save_pretrained(bare)
-    message = stops_with(rf"'{bare}' \(--model_name_or_path\) holds no tokenizer files .*save the model's tokenizer",
-                         run_tiny, dpo, dpo_assets, tmp_path / "out", "--model_name_or_path", bare)
-    assert "Couldn't instantiate" not in message
+    stops_with(rf"^error: '{bare}' \(--model_name_or_path\) holds no tokenizer .*save the model's tokenizer there "
+               r"too .*or set --model_name_or_path", run_tiny, dpo, dpo_assets, tmp_path / "out", "--model_name_or_path",
+               bare)
+    assert not (tmp_path / "out" / "eval.json").exists()
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -303,7 +299,8 @@ def test_bad_settings_stop_before_training(dpo_assets, tmp_path, extra, expected
 def test_more_bad_settings_stop_before_training(dpo_assets, tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    stops_with(r"--output_dir .* is not writable", run_tiny, dpo, dpo_assets, blocker / "out")
+    stops_with(r"--output_dir .* cannot be written to .*Choose a directory you can write to", run_tiny, dpo, dpo_assets,
+               blocker / "out")
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # as where it cannot be imported
     stops_with(r"--load_in_4bit needs bitsandbytes, which cannot run here.*--load_in_4bit false", run_tiny, dpo,
                dpo_assets, tmp_path)
@@ -316,7 +313,8 @@ def test_the_adapter_is_pushed_once_after_eval_json_and_a_failed_push_still_merg
     the trained adapter (not a merged or base model) goes up after eval.json, and a failure stops the run last."""
     out = tmp_path / "run"
     pushed = []
-    monkeypatch.setattr(dpo, "check_hub_reachable", lambda args, settings: None)  # the hub is out of reach here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the push is refused up front when offline or without a token
+    monkeypatch.setattr(dpo, "get_token", lambda: "hf_x")
     monkeypatch.setattr(dpo, "push_to_hub", lambda model, tokenizer, args: pushed.append(
         (os.path.exists(out / "eval.json"), type(model).__name__, args.hub_model_id)) or "the upload failed")
     stops_with("the upload failed", run_tiny, dpo, dpo_assets, out, "--max_steps", "2", "--eval_steps", "0",
@@ -387,17 +385,8 @@ def run_counting_model_loads(assets, out, *extra) -> tuple:
         return run_tiny(dpo, assets, out, *extra), loads
 
 
-@pytest.fixture(scope="module")
-def dpo_seed0_run(dpo_assets, tmp_path_factory):
-    """The tiny preset at seed 0 with 60 answers generated, run once for this module: the learning test's first
-    seed and the grouping test's run without grouping (the evaluation, answers included, comes after training, so
-    they change nothing that test reads: the padding and the training log). (output dir, eval.json, loads)."""
-    out = tmp_path_factory.mktemp("dpo_seed0")
-    return (out, *run_counting_model_loads(dpo_assets, out, "--seed", 0, "--num_eval_generations", "60"))
-
-
 @pytest.mark.slow
-def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, dpo_seed0_run, tmp_path):
+def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_path):
     """Through the script's evaluation: held-out accuracy rises by at least 0.25 and DPO's implicit reward margin
     exceeds 0.5. Without it: (a) scored from the raw dataset columns, response_j gains over response_k against the
     base by more than 1 nat per pair on average, and (b) greedy answers name the tool the preference set prefers
@@ -406,11 +395,8 @@ def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, dpo_
     base model is ever loaded."""
     held_out = raw_pairs(dpo_assets)[:40]
     for seed in (0, 1):
-        if seed == 0:
-            out, result, loads = dpo_seed0_run  # shared with the grouping test
-        else:
-            out = tmp_path / f"seed{seed}"
-            result, loads = run_counting_model_loads(dpo_assets, out, "--seed", seed, "--num_eval_generations", "60")
+        out = tmp_path / f"seed{seed}"
+        result, loads = run_counting_model_loads(dpo_assets, out, "--seed", seed, "--num_eval_generations", "60")
         base, trained = result["base"], result["trained"]
         assert len(loads) == 1, loads
         tool = {name: right_tool_share(r["generations"], dpo.TASKS) for name, r in (("base", base),
@@ -421,61 +407,6 @@ def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, dpo_
         assert trained["accuracy"] >= base["accuracy"] + 0.25 and trained["implicit_reward_margin"] > 0.5
         assert gain > 1.0
         assert tool["trained"] >= tool["base"] + 0.1
-
-
-@pytest.mark.slow
-def test_grouping_pairs_by_length_cuts_padding_and_still_learns(dpo_assets, dpo_seed0_run, tmp_path):
-    """--group_by_length gives each optimizer step pairs of similar length, so its batches carry less padding; the
-    held-out preference is still learned. Measured on 2 CPU cores, tiny preset: padding 0.160 -> 0.047 of the
-    positions; accuracy 0.500 -> 0.967 and implicit reward margin 3.56 (without grouping: 0.983 and 3.77)."""
-    plain = dpo_seed0_run[1]  # the same settings, seed 0 (the default), ungrouped: the learning test's run
-    grouped = run_tiny(dpo, dpo_assets, tmp_path / "grouped", "--num_eval_generations", "0", "--group_by_length")
-    print(f"padding {plain['pad_fraction']:.3f} -> {grouped['pad_fraction']:.3f}; grouped accuracy "
-          f"{grouped['base']['accuracy']:.3f} -> {grouped['trained']['accuracy']:.3f}")
-    assert 0 < grouped["pad_fraction"] < plain["pad_fraction"] / 2
-    logged = {name: [entry["pad_fraction"] for entry in run["train_log"]] for name, run in (("plain", plain),
-                                                                                          ("grouped", grouped))}
-    assert len(logged["grouped"]) == grouped["steps"] // 10  # one per log line (every 10 steps)
-    assert max(logged["grouped"]) < min(logged["plain"])  # every window, not just the run's total
-    assert grouped["trained"]["accuracy"] >= grouped["base"]["accuracy"] + 0.25
-    assert grouped["trained"]["implicit_reward_margin"] > 0.5
-
-
-def test_length_grouped_order_is_a_permutation_fixed_by_seed_and_epoch_with_similar_lengths_per_step():
-    """Every pair once per epoch; the same order for the same (seed, epoch), another for the next epoch; the
-    longest step first; within each step, lengths far closer than in a random step."""
-    lengths = [int(10 * 1.5 ** (i % 9)) + i % 7 for i in range(640)]  # 10 to 266 tokens, spread
-    sampler = dpo.LengthGroupedPairs(lengths, pairs_per_step=16, seed=3)
-    first = list(sampler)
-    assert sorted(first) == list(range(640)) and first == list(sampler)
-    sampler.set_epoch(1)
-    assert list(sampler) != first and sorted(sampler) == list(range(640))
-    steps = [[lengths[i] for i in first[k : k + 16]] for k in range(0, 640, 16)]
-    assert max(steps[0]) == max(lengths)
-    spread = sum(max(step) - min(step) for step in steps) / len(steps)
-    random_steps = [lengths[k : k + 16] for k in range(0, 640, 16)]
-    assert spread < sum(max(step) - min(step) for step in random_steps) / len(random_steps) / 4
-
-
-def test_the_length_sampler_gets_its_epoch_where_accelerate_does_not_pass_it_on(monkeypatch):
-    """The Trainer sets each epoch on its dataloader, and accelerate passes it on to the sampler, except through the
-    wrappers of several processes resuming mid-epoch: there ours would stay at epoch 0 and a resumed run would redraw
-    the first epoch's order. The script's trainer sets it on the sampler itself as each epoch starts."""
-    import transformers
-    from accelerate.data_loader import prepare_data_loader, skip_first_batches
-
-    sampler = dpo.LengthGroupedPairs(list(range(10, 74)), pairs_per_step=8, seed=0)
-    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4, sampler=sampler)
-    loader = skip_first_batches(prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False), 3)
-    loader.set_epoch(1)  # what the Trainer does, in both places it tries
-    underlying = getattr(loader.batch_sampler, "batch_sampler", None)
-    if hasattr(underlying, "set_epoch"):
-        underlying.set_epoch(1)
-    assert sampler.epoch == 0  # accelerate's wrappers did not pass it on
-    monkeypatch.setattr(transformers.Trainer, "_run_epoch", lambda self, model, epoch, *args, **kwargs: epoch)
-    trainer = object.__new__(dpo.QLoRADPOTrainer)  # only the epoch hook is needed
-    trainer.length_sampler = sampler
-    assert trainer._run_epoch(None, 1) == 1 and sampler.epoch == 1
 
 
 def raw_column_gain(assets, adapter_dir, rows) -> float:
@@ -509,7 +440,8 @@ def test_a_finished_run_is_never_overwritten_silently(dpo_assets, tmp_path):
     stops_with(r"holds a finished run .* Nothing was changed.*--overwrite_output_dir", run_tiny, dpo, dpo_assets, out,
                *common)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    stops_with(r"holds a finished run .* would train again over it", run_tiny, dpo, dpo_assets, out, *common, "--resume")
+    stops_with(r"holds a finished run .* would train again over it", run_tiny, dpo, dpo_assets, out, *common,
+               "--resume")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     stops_with(r"the run that wrote it was trained with other settings \(--beta [\d.]+ -> 0.3\)", run_tiny, dpo,
                dpo_assets, out, *common, "--resume", "--overwrite_output_dir", "--beta", "0.3")
@@ -526,9 +458,9 @@ def test_a_broken_checkpoint_is_named_and_a_crash_while_saving_leaves_none(dpo_a
     as_if_interrupted_after_its_checkpoints(out)
     adapter = out / "checkpoint-4" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-100])
-    stops_with(r"checkpoint-4' is incomplete or damaged: adapter_model.safetensors cannot be read \(ValueError: "
-               r"shorter than its header says \(truncated\)\).*--resume .*checkpoint-2", run_tiny, dpo, dpo_assets,
-               out, *common, "--resume")
+    stops_with(r"checkpoint-4' is incomplete or damaged: adapter_model.safetensors cannot be read \(SafetensorError: "
+               r".*incomplete metadata, file not fully covered\). Nothing was loaded: resume from an earlier "
+               r"checkpoint-N", run_tiny, dpo, dpo_assets, out, *common, "--resume")
     real_save = dpo.DPOTrainer._save_rng_state
 
     def crash(self, directory):
@@ -550,26 +482,17 @@ def adapter_weights(directory):
     return load_file(os.path.join(directory, "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("order", [[], ["--group_by_length", "--max_train_samples", "120"]],
-                         ids=["random-order", "grouped-by-length"])
-def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path, order, capfd):
-    """Tolerance: adapter weights equal within 1e-5 (measured: bit-identical on CPU). With --group_by_length the
-    resumed run must draw the same length-grouped order and skip to the same place in it; on at most 120 pairs
-    (8 steps of 16 per epoch at most) it resumes in the second epoch, whose order differs from the first. The
-    resumed run's progress bar begins at step 10 (transformers' own began at 0 and jumped to 11 on its first
-    step, its rate and time left counting 11 steps as done in one)."""
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(dpo_assets, tmp_path):
+    """Tolerance: adapter weights equal within 1e-5 (measured: bit-identical on CPU)."""
     common = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "0", "--num_eval_generations", "0",
-              "--max_eval_samples", "16", *order]
+              "--max_eval_samples", "16"]
     straight = tmp_path / "straight"
     run_tiny(dpo, dpo_assets, straight, *common)
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
     crashed = tmp_path / "crashed"  # as if the machine died right after the step-10 checkpoint
     shutil.copytree(straight / "checkpoint-10", crashed / "checkpoint-10")
-    capfd.readouterr()
     result = run_tiny(dpo, dpo_assets, crashed, *common, "--resume")
     assert result["steps"] == 20 and result["steps_this_run"] == 10
-    bar = re.findall(r"(\d+)/20 \[", capfd.readouterr().err)
-    assert bar[0] == "10" and bar[-1] == "20" and all(int(done) >= 10 for done in bar), bar
     assert json.loads((crashed / "checkpoint-20" / "trainer_state.json").read_text())["global_step"] == 20
     expected, resumed = adapter_weights(straight), adapter_weights(crashed)
     assert expected.keys() == resumed.keys()
@@ -626,7 +549,7 @@ def test_wandb_offline_run_records_the_evaluation_in_its_project_and_closes_clea
 def test_two_processes_match_one_process_step_by_step(dpo_assets, tmp_path):
     """accelerate launch --num_processes 2, 8 pairs per process, against one process with 16: the same data per
     step and averaged gradients, so the same loss and gradient norm at every step (within 1e-3 relative; LoRA
-    dropout off so that both are deterministic) and the same held-out accuracy. eval.json comes from process 0."""
+    dropout off so that both are deterministic) and the same held-out accuracy."""
     common = ["--max_steps", "30", "--eval_steps", "0", "--lora_dropout", "0", "--num_eval_generations", "1",
               "--save_steps", "15", "--logging_steps", "1"]
     single = run_tiny(dpo, dpo_assets, tmp_path / "one", *common, "--per_device_train_batch_size", "16")
@@ -636,7 +559,6 @@ def test_two_processes_match_one_process_step_by_step(dpo_assets, tmp_path):
     assert launched.stdout.count("Training: 30 DPO steps on 2 x cpu") == 1
     assert "find_unused_parameters" not in launched.stderr  # DDP's warning, twice per run, before the setting
     double = json.loads((tmp_path / "two" / "eval.json").read_text())
-    assert double["written_by_process"] == 0
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
     assert [e["step"] for e in double["train_log"]] == [e["step"] for e in single["train_log"]] == list(range(1, 31))
     for key in ("loss", "grad_norm"):
