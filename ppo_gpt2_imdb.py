@@ -101,8 +101,7 @@ class Args:
     lam: float = arg(0.95, "GAE lambda")
 
     # Tracking and saving
-    report_to: Literal["wandb", "tensorboard", "none"] = arg("wandb", "tracker (wandb without credentials logs "
-                                                             "offline to ./wandb)")
+    report_to: Literal["wandb", "tensorboard", "none"] = arg("wandb", "tracker; without credentials wandb logs offline")
     wandb_project: str = arg("ppo_gpt2_imdb", "wandb project the run is logged to")
     wandb_entity: Optional[str] = arg(None, "wandb team or user; None: your default entity")
     run_name: Optional[str] = arg(None, "run name on the tracker; None: generated")

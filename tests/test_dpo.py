@@ -260,8 +260,8 @@ def test_a_model_directory_without_tokenizer_files_stops_in_one_paragraph_naming
     bare = tmp_path / "bare_llama"
     AutoModelForCausalLM.from_pretrained(os.path.join(dpo_assets, "llama")).save_pretrained(bare)
     stops_with(rf"^error: '{bare}' \(--model_name_or_path\) holds no tokenizer .*save the model's tokenizer there "
-               r"too .*or set --model_name_or_path", run_tiny, dpo, dpo_assets, tmp_path / "out", "--model_name_or_path",
-               bare)
+               r"too .*or set --model_name_or_path", run_tiny, dpo, dpo_assets, tmp_path / "out",
+               "--model_name_or_path", bare)
     assert not (tmp_path / "out" / "eval.json").exists()
 
 
@@ -391,22 +391,25 @@ def test_dpo_learns_the_held_out_preference_with_one_base_model(dpo_assets, tmp_
     exceeds 0.5. Without it: (a) scored from the raw dataset columns, response_j gains over response_k against the
     base by more than 1 nat per pair on average, and (b) greedy answers name the tool the preference set prefers
     for the question's task more often than the base's do (by at least 0.1; chance is 0.1). Measured on 2 CPU
-    cores: seed 0 accuracy 0.500 -> 0.983, right tool 0.10 -> 0.32; seed 1 0.466 -> 0.983, 0.14 -> 0.36. Only one
-    base model is ever loaded."""
+    cores: seed 0 accuracy 0.500 -> 0.983, right tool 0.10 -> 0.32; seed 1 0.466 -> 0.983 (its answers are not
+    generated, to save time). Only one base model is ever loaded."""
     held_out = raw_pairs(dpo_assets)[:40]
-    for seed in (0, 1):
+    for seed, generations in ((0, 60), (1, 0)):  # the greedy answers of one seed: they take most of the time
         out = tmp_path / f"seed{seed}"
-        result, loads = run_counting_model_loads(dpo_assets, out, "--seed", seed, "--num_eval_generations", "60")
+        result, loads = run_counting_model_loads(dpo_assets, out, "--seed", seed, "--num_eval_generations",
+                                                 generations)
         base, trained = result["base"], result["trained"]
         assert len(loads) == 1, loads
-        tool = {name: right_tool_share(r["generations"], dpo.TASKS) for name, r in (("base", base),
-                                                                                    ("trained", trained))}
         gain = raw_column_gain(dpo_assets, out, held_out)
-        print(f"seed {seed}: accuracy {base['accuracy']:.3f} -> {trained['accuracy']:.3f}, right tool "
-              f"{tool['base']:.2f} -> {tool['trained']:.2f}, response_j gain {gain:.2f} nats")
+        print(f"seed {seed}: accuracy {base['accuracy']:.3f} -> {trained['accuracy']:.3f}, response_j gain "
+              f"{gain:.2f} nats")
         assert trained["accuracy"] >= base["accuracy"] + 0.25 and trained["implicit_reward_margin"] > 0.5
         assert gain > 1.0
-        assert tool["trained"] >= tool["base"] + 0.1
+        if generations:
+            tool = {name: right_tool_share(r["generations"], dpo.TASKS) for name, r in (("base", base),
+                                                                                        ("trained", trained))}
+            print(f"seed {seed}: right tool {tool['base']:.2f} -> {tool['trained']:.2f}")
+            assert tool["trained"] >= tool["base"] + 0.1
 
 
 def raw_column_gain(assets, adapter_dir, rows) -> float:
