@@ -489,11 +489,9 @@ def validate(args: Args):
              f"names of the linear layers LoRA adapts, such as {Args.lora_target_modules}.")
     for name, known in (("lr_scheduler_type", SchedulerType), ("optim", OptimizerNames)):
         value, choices = getattr(args, name), [choice.value for choice in known]
-        close = [choice for choice in choices if choice.startswith(value)] or difflib.get_close_matches(value, choices)
-        if value not in choices:  # the hint: the first name that begins with `value`, else the closest
+        if value not in choices:
             listed = ", ".join(choices[:15]) + (f" and {len(choices) - 15} more" if len(choices) > 15 else "")
-            fail(f"--{name} {value!r} is not one transformers knows" + (f" (did you mean {close[0]}?)" if close else "")
-                 + f". It takes: {listed}.")
+            fail(f"--{name} {value!r} is not one transformers knows{did_you_mean(value, choices)}. It takes: {listed}.")
     if args.max_prompt_length >= args.max_length:
         fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}): "
              f"the answer needs room.")
@@ -642,10 +640,13 @@ def parse_with_defaults(argv: list, defaults: dict) -> Args:
 
 
 def unknown_names(names: list) -> str:
-    """Each name with the setting it may mean: the first that begins with it, else the closest."""
-    known = list(Args.__dataclass_fields__)
-    close = [[k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1) for name in names]
-    return ", ".join(f"'{name}'" + (f" (did you mean {hint[0]}?)" if hint else "") for name, hint in zip(names, close))
+    return ", ".join(f"'{name}'{did_you_mean(name, list(Args.__dataclass_fields__))}" for name in names)
+
+
+def did_you_mean(name: str, known: list) -> str:
+    """The hint ' (did you mean X?)', X the first known name that begins with `name`, else the closest; or ''."""
+    close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def fail(message: str):

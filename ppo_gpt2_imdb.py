@@ -819,10 +819,13 @@ def parse_with_defaults(argv: list, defaults: dict) -> Args:
 
 
 def unknown_names(names: list) -> str:
-    """Each name with the setting it may mean: the first that begins with it, else the closest."""
-    known = list(Args.__dataclass_fields__)
-    close = [[k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1) for name in names]
-    return ", ".join(f"'{name}'" + (f" (did you mean {hint[0]}?)" if hint else "") for name, hint in zip(names, close))
+    return ", ".join(f"'{name}'{did_you_mean(name, list(Args.__dataclass_fields__))}" for name in names)
+
+
+def did_you_mean(name: str, known: list) -> str:
+    """The hint ' (did you mean X?)', X the first known name that begins with `name`, else the closest; or ''."""
+    close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def fail(message: str):
