@@ -10,19 +10,20 @@ is also a notebook (`# %%` cells): "Run all" trains with them as edited. The rec
 """
 
 # %% Imports (each appendix imports what only it needs)
+import os
 import signal
 import sys
 
 if __name__ == "__main__" and "ipykernel" not in sys.modules:  # Ctrl-C while the libraries load: no traceback
     def stopped_while_loading(signum, frame):
-        print("\nSIGINT: stopped at once. Nothing was trained yet.", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # of several processes, the main one alone speaks
+            print("\nSIGINT: stopped at once. Nothing was trained yet.", file=sys.stderr)
         raise SystemExit(130)  # as after training begins (Appendix C)
 
     signal.signal(signal.SIGINT, stopped_while_loading)
 
 import gc
 import logging
-import os
 import time
 import warnings
 from collections import Counter
@@ -286,7 +287,7 @@ def main(args: Args) -> dict:
         trainer.train(resume_from_checkpoint=checkpoint)  # on Ctrl-C or SIGTERM: exits after a checkpoint
         figures = training_figures(trainer, checkpoint, time.time() - train_started)
         stop.enter("saving")
-        trainer.save_model(args.output_dir)  # PeftModel.from_pretrained(base, OUTPUT_DIR) loads the adapter
+        save_atomically(args.output_dir, trainer.save_model, "the trained adapter")  # for PeftModel.from_pretrained
         stop.enter("evaluation")
 
         # 5. Evaluate the base (adapters off) and the trained model on the same held-out pairs
@@ -299,7 +300,7 @@ def main(args: Args) -> dict:
         result = {"base": base_result, "trained": trained_result, "args": asdict(args),
                   "seconds": round(time.time() - started, 1), **figures}
         if PartialState().is_main_process:
-            write_json(os.path.join(args.output_dir, "eval.json"), result)
+            save_atomically(args.output_dir, lambda to: write_json(f"{to}/eval.json", result), "eval.json", False)
             stop.enter("reporting")
             report(base_result, trained_result, args)
             print(f"Saved the LoRA adapter, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
@@ -368,8 +369,12 @@ def merge_full_model(args: Args, tokenizer):
         torch.cuda.empty_cache()
     base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=compute_dtype(args))
     merged = PeftModel.from_pretrained(base, args.output_dir).merge_and_unload()
-    merged.save_pretrained(os.path.join(args.output_dir, "merged"))
-    tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
+
+    def save(staging: str):
+        merged.save_pretrained(os.path.join(staging, "merged"))
+        tokenizer.save_pretrained(os.path.join(staging, "merged"))
+
+    save_atomically(args.output_dir, save, "the merged model", everyone=False)
     print(f"Saved the merged model to {os.path.join(args.output_dir, 'merged')}")
 
 
@@ -410,16 +415,14 @@ class QLoRADPOTrainer(DPOTrainer):
         self.cast_adapters()  # before the optimizer is built from these parameters
 
     def _save_checkpoint(self, model, trial):
-        name, staging = f"checkpoint-{self.state.global_step}", os.path.join(self.args.output_dir, ".saving")
-
-        def save():
+        def save(staging: str):
             self._get_output_dir = lambda trial=None: staging  # where the Trainer puts checkpoint-N
             try:
                 super(QLoRADPOTrainer, self)._save_checkpoint(model, trial)
             finally:
                 del self._get_output_dir
 
-        save_atomically(self.accelerator, os.path.join(staging, name), os.path.join(self.args.output_dir, name), save)
+        save_atomically(self.args.output_dir, save, f"checkpoint-{self.state.global_step}")
 
 
 class StopOnSignal(TrainerCallback):
@@ -427,14 +430,14 @@ class StopOnSignal(TrainerCallback):
     exits with the command that resumes it."""
 
     def __init__(self, trainer, stop: "StopRequest"):
-        self.trainer, self.stop = trainer, stop
+        self.trainer, self.stop, self.stopping = trainer, stop, False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.requested(self.trainer.accelerator):
-            control.should_save = True
+        self.stopping = self.stop.requested(self.trainer.accelerator)  # the same on every process
+        control.should_save = control.should_save or self.stopping
 
     def on_save(self, args, state, control, **kwargs):
-        if self.stop.signal_name:
+        if self.stopping:
             self.stop.exit_after_checkpoint(f"after step {state.global_step} of {state.max_steps}",
                                             os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
@@ -555,6 +558,7 @@ def check_lora_targets(targets: list, model):
 # offline fallback. It reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
 import argparse
 import difflib
+import errno
 import importlib.util
 import json
 import math
@@ -567,6 +571,7 @@ import zipfile
 from functools import partial
 
 import yaml
+from accelerate.utils import gather_object
 from huggingface_hub import get_token
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
 from huggingface_hub.utils import logging as hub_logging
@@ -649,9 +654,11 @@ def did_you_mean(name: str, known: list) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def fail(message: str):
-    """Stop before (or without losing) any training, with one readable paragraph."""
-    raise SystemExit("\nerror: " + textwrap.fill(" ".join(message.split()), width=110) + "\n")
+def fail(message: str, command: str = ""):
+    """Stop before (or without losing) any training, with one readable paragraph and a command to copy, if any."""
+    command = f"\n  {command}" if command else ""
+    paragraph = textwrap.fill(" ".join(message.split()), width=110, break_on_hyphens=False, break_long_words=False)
+    raise SystemExit("\nerror: " + paragraph + command + "\n")
 
 
 def looks_local(name: str) -> bool:  # a hub id is NAME or OWNER/NAME
@@ -786,7 +793,7 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
         print(f"--overwrite_output_dir: deleted the earlier run's eval.json, saved models and {len(checkpoints)} "
               f"checkpoint(s){delete_finished_run(args)}" + (f"; continuing from {checkpoint}" if args.resume else ""))
     if PartialState().is_main_process:  # the settings a resumed run is checked against
-        write_json(os.path.join(directory, "settings.json"), vars(args))
+        write_json(os.path.join(directory, "settings.json"), {**vars(args), **processes()})
     PartialState().wait_for_everyone()
     return checkpoint if args.resume else None
 
@@ -816,18 +823,22 @@ def delete_finished_run(args) -> str:
 def check_resume_settings(args, checkpoint: str):
     """Each of RESUME_MUST_MATCH as the run that wrote `checkpoint` had it (its output dir's settings.json)."""
     path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "settings.json")
-    saved, now = read_json(path) if os.path.exists(path) else {}, vars(args)
+    saved, now = read_json(path) if os.path.exists(path) else {}, {**vars(args), **processes()}
 
     def comparable(settings: dict, name: str):  # the tiny preset's paths lie in its assets dir, wherever that is
         value, assets = settings[name], settings.get("tiny_assets_dir")
         return value.replace(assets, "{tiny}") if isinstance(value, str) and assets else value
 
-    changed = [f"--{name} {saved[name]} -> {now[name]}" for name in RESUME_MUST_MATCH
+    changed = [f"--{name} {saved[name]} -> {now[name]}" for name in (*RESUME_MUST_MATCH, "num_processes")
                if name in saved and comparable(saved, name) != comparable(now, name)]
     if changed:
         fail(f"--resume {checkpoint!r}: the run that wrote it was trained with other settings ({'; '.join(changed)}), "
              f"and a resumed run ends where that run would only with the same ones. Nothing was loaded. Set them "
              f"back, or start a new run in another --output_dir.")
+
+
+def processes() -> dict:  # as many as the launcher's --num_processes: each takes its own batch
+    return {"num_processes": PartialState().num_processes}
 
 
 def check_checkpoint(checkpoint: str, marker: str):
@@ -865,19 +876,43 @@ def write_json(path: str, data: dict):  # through a temporary file: a crash neve
     os.replace(path + ".tmp", path)
 
 
-def save_atomically(accelerator, staging: str, final: str, save):
-    """`save()` into `staging`, renamed to `final` once every process is done: a crash while saving never leaves a
-    checkpoint that looks complete. What is there already (an older crash, a later checkpoint) is replaced."""
-    if accelerator.is_main_process and os.path.exists(staging):
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    save()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    accelerator.wait_for_everyone()
+def save_atomically(directory: str, save, what: str, everyone: bool = True):
+    """`save(staging)` on every process (or on this one alone), then what it wrote moved into `directory`, each
+    replacing its namesake: a crash while saving never leaves files that look complete. A write that fails on any
+    process (a full disk, or any OSError): what it wrote is removed, one paragraph, every process exits with 1."""
+    state, staging = PartialState(), os.path.join(directory, ".saving")
+    sync = state.wait_for_everyone if everyone else lambda: None
+    if state.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier crash's
+        os.makedirs(staging)
+    sync()
+    try:
+        save(staging)
+        error = None
+    except Exception as err:  # on a full disk, torch's zip writer and safetensors raise their own types
+        full = getattr(err, "errno", 0) == errno.ENOSPC or re.search("unexpected pos|No space|write failed", str(err))
+        if not full and not isinstance(err, OSError):
+            raise
+        error = error_summary(err) + (". The disk is full" if full else "")
+    errors = [e for e in (gather_object([error]) if everyone and state.num_processes > 1 else [error]) if e]
+    if errors and not state.is_main_process:
+        raise SystemExit(1)  # the main process says why
+    if errors:
+        shutil.rmtree(staging, ignore_errors=True)
+        latest, trained = get_last_checkpoint(directory), saved_model_files(directory)
+        then = resume_command(latest) if latest and not trained else ""
+        kept = "the trained model" if trained else f"checkpoints to {os.path.basename(latest)}" if latest else "none"
+        fail(f"Could not save {what} in {directory!r}: {errors[0]} ({shutil.disk_usage(directory).free / 2**20:.0f} "
+             f"MiB free there). The half-written files are removed; what was saved before is kept ({kept}). "
+             f"Free some space, then " + ("continue with:" if then else "run again."), then)
+    if state.is_main_process:
+        for name in os.listdir(staging):
+            target = os.path.join(directory, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        os.rmdir(staging)
+    sync()
 
 
 class StopRequest:
@@ -887,14 +922,14 @@ class StopRequest:
 
     LEFT = {"setup": "Nothing was trained yet.",
             "training": "This step's checkpoint was not saved; earlier checkpoints are kept.",
-            "saving": "The trained model may be partly written; continue with --resume --overwrite_output_dir.",
+            "saving": "The trained model was not saved (nothing half-written looks saved); continue with --resume.",
             "evaluation": "The trained model is saved in --output_dir; the evaluation (eval.json) was not written.",
             "reporting": "The trained model and eval.json are saved; what came after them may be incomplete."}
     FINISHING = {"training": "finishing the current step, then saving a checkpoint",
                  "saving": "finishing saving the trained model, then stopping"}
 
     def __init__(self):
-        self.signal_name, self.phase, self.previous = None, "setup", {}
+        self.signal_name, self.phase, self.previous, self.since = None, "setup", {}, 0.0
 
     def __enter__(self) -> "StopRequest":
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -907,33 +942,43 @@ class StopRequest:
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.phase in self.FINISHING and not self.signal_name:
-            self.signal_name = name
-            print(f"\n{name}: {self.FINISHING[self.phase]} (again to stop at once).", file=sys.stderr, flush=True)
+            self.signal_name, self.since = name, time.monotonic()
+            self.say(f"\n{name}: {self.FINISHING[self.phase]} (again to stop at once).")
             return
+        if "TORCHELASTIC_RUN_ID" in os.environ and time.monotonic() - self.since < 1:
+            return  # torch's launcher passes the terminal's Ctrl-C on to its processes: the same one, twice
         self.signal_name = self.signal_name or name
         self.stop_now(f"\n{name}: stopped at once. {self.LEFT[self.phase]}")
 
     def requested(self, accelerator) -> bool:
-        """Whether any process was asked to stop: all stop at the same step (a launcher signals them one by one)."""
+        """Whether any process was asked to stop, the same answer on every process: all stop at the same step (a
+        launcher signals them one by one, and a signal may land on one process after the others have answered)."""
         if self.signal_name:
             accelerator.set_trigger()
-        if accelerator.check_trigger() and not self.signal_name:
+        stopping = accelerator.check_trigger()
+        if stopping and not self.signal_name:
             self.signal_name = "SIGTERM"
-        return bool(self.signal_name)
+        return stopping
 
     def enter(self, phase: str):  # a stop asked for while saving takes effect once the model is saved
         self.phase = phase
         if phase == "evaluation" and self.signal_name:
             self.stop_now(f"\nStopped by {self.signal_name}. {self.LEFT[phase]}")
 
+    def say(self, message: str):  # of several processes, the main one alone
+        if os.environ.get("RANK", "0") == "0":
+            print(message, file=sys.stderr, flush=True)
+
     def stop_now(self, message: str):
-        print(message, file=sys.stderr, flush=True)
+        self.say(message)
         self.__exit__()
         raise SystemExit(128 + getattr(signal, self.signal_name))  # 130 Ctrl-C, 143 SIGTERM: the shell's convention
 
     def exit_after_checkpoint(self, when: str, checkpoint: str):
         how = f"set resume = {checkpoint!r} in Args and run again" if "ipykernel" in sys.modules else \
             f"  {resume_command(checkpoint)}"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            how += f"\n(it ran on {os.environ['WORLD_SIZE']} processes: give any other launcher option it had too)"
         self.stop_now(f"\nStopped by {self.signal_name} {when}; checkpoint saved in {checkpoint}.\nResume with:\n{how}")
 
 
@@ -943,8 +988,11 @@ def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
     argv, dropped = list(sys.argv[1:] if argv is None else argv), ("--resume", "--overwrite_output_dir")
     kept = [token for i, token in enumerate(argv) if token.split("=", 1)[0] not in dropped
             and not (i and argv[i - 1] in dropped and not token.startswith("--"))]
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
-    launcher = ["accelerate", "launch", "--num_processes", str(processes)] if processes > 1 else ["python"]
+    processes = os.environ.get("WORLD_SIZE", "1")  # set by accelerate launch and torchrun, with their options:
+    launcher = ["python"] if processes == "1" else ["torchrun", "--nproc_per_node", processes]
+    if processes != "1" and "ACCELERATE_MIXED_PRECISION" in os.environ:
+        launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", processes, "--mixed_precision",
+                    os.environ["ACCELERATE_MIXED_PRECISION"]]
     return shlex.join([*launcher, SCRIPT, *kept, "--resume", checkpoint])
 
 

@@ -2,6 +2,8 @@
 two processes, and read what the tiny builders make visible."""
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,18 +82,72 @@ def run_then_signal(script: str, argv: list, after_line: str, delay: float = 2.0
     return code, "".join(lines) + (output or ""), (time.monotonic() - signalled) if signalled else None
 
 
-def accelerate_launch(script: str, argv: list, processes: int = 2, timeout: int = 900):
-    """`accelerate launch --multi_gpu --num_processes N script argv` from the repo root, on a free port. On a machine
-    without GPUs this starts N CPU processes joined over gloo (accelerate 1.15's `--cpu` flag starts only one
-    process: its multi-CPU launcher needs mpirun)."""
+def launch_command(script: str, argv: list, processes: int = 2) -> list:
+    """`accelerate launch --multi_gpu --num_processes N script argv`, on a free port. On a machine without GPUs this
+    starts N CPU processes joined over gloo (accelerate 1.15's `--cpu` flag starts only one process: its multi-CPU
+    launcher needs mpirun)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), script, *map(str, argv)]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=child_env(OMP_NUM_THREADS="1"))  # two processes on the machine's cores
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), script, *map(str, argv)]
+
+
+def accelerate_launch(script: str, argv: list, processes: int = 2, timeout: int = 900):
+    """The launch_command run from the repo root to its end."""
+    return subprocess.run(launch_command(script, argv, processes), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=child_env(OMP_NUM_THREADS="1"))  # two processes on the machine's cores
+
+
+def launch_then_interrupt(script: str, argv: list, after: str, timeout: float = 600):
+    """The launch_command in a process group of its own, and SIGINT to the whole group once a line (or progress bar
+    update) matching the pattern `after` appears, as a terminal's Ctrl-C reaches the launcher and every process.
+    Returns (exit code, everything printed)."""
+    child = subprocess.Popen(launch_command(script, argv), cwd=REPO, stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.STDOUT, env=child_env(OMP_NUM_THREADS="1"), start_new_session=True)
+    lines = []
+    try:
+        for line in child.stdout:  # text mode reads tqdm's carriage returns as line ends
+            lines.append(line)
+            if re.search(after, line):
+                os.killpg(child.pid, signal.SIGINT)
+                break
+        output, _ = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    return child.returncode, "".join(lines) + (output or "")
+
+
+def run_printed_launch(command: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """A printed `accelerate launch ...` command as printed, by this environment's accelerate, on a free port."""
+    tokens = shlex.split(command)
+    assert tokens[:2] == ["accelerate", "launch"], command
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port),
+                           *tokens[2:]], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=child_env(OMP_NUM_THREADS="1"))
+
+
+def on_a_small_disk(script: str, argv: list, out, kib: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python script argv` with `out` on a tmpfs of `kib` KiB, which really fills, mounted in a mount namespace of
+    its own (`unshare`: nothing outside sees it, and it goes when the run ends). What the run left there is then
+    copied to `out` on the real disk, for the test to read and go on from. Skips where no tmpfs can be mounted."""
+    os.makedirs(out, exist_ok=True)
+    left = f"{out}.left"
+    shell = f'mount -t tmpfs -o size={kib}k tmpfs "$0" || exit 99; "${{@:2}}"; code=$?; cp -a "$0/." "$1"; exit $code'
+    command = ["unshare", "--mount", "--map-root-user", "bash", "-c", shell, str(out), left, sys.executable,
+               os.path.join(REPO, script), *map(str, argv)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=child_env())
+    if completed.returncode == 99 or completed.stderr.startswith("unshare:"):
+        pytest.skip(f"no tmpfs can be mounted here: {completed.stderr.strip()}")
+    shutil.copytree(left, out, dirs_exist_ok=True)
+    shutil.rmtree(left)
+    return completed
 
 
 def sentiment_words(samples: list, words: list) -> int:

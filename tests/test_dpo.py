@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 
@@ -15,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOTrainer
 
 import dpo_llama2_stackexchange as dpo
-from helpers import (DPO_SCRIPT, accelerate_launch, as_if_interrupted_after_its_checkpoints, right_tool_share, run_cli,
-                     run_then_signal, run_tiny, stops_with, tiny_argv)
+from helpers import (DPO_SCRIPT, accelerate_launch, as_if_interrupted_after_its_checkpoints, launch_then_interrupt,
+                     right_tool_share, run_cli, run_printed_launch, run_then_signal, run_tiny, stops_with, tiny_argv)
 
 LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -467,11 +468,11 @@ def test_a_broken_checkpoint_is_named_and_a_crash_while_saving_leaves_none(dpo_a
     real_save = dpo.DPOTrainer._save_rng_state
 
     def crash(self, directory):
-        raise OSError("disk full")  # after the adapter and optimizer, before the RNG and the trainer state
+        raise MemoryError  # the process dies after the adapter and optimizer, before the RNG and trainer state
 
     monkeypatch.setattr(dpo.DPOTrainer, "_save_rng_state", crash)
     crashed = tmp_path / "crashed"
-    with pytest.raises(OSError):
+    with pytest.raises(MemoryError):
         run_tiny(dpo, dpo_assets, crashed, *common, "--save_steps", "2")
     assert not list(crashed.glob("checkpoint-*")) and (crashed / ".saving" / "checkpoint-2").is_dir()
     monkeypatch.setattr(dpo.DPOTrainer, "_save_rng_state", real_save)
@@ -549,10 +550,12 @@ def test_wandb_offline_run_records_the_evaluation_in_its_project_and_closes_clea
 
 # ---------------------------------------------------------------------------------------------- two processes
 @pytest.mark.slow
-def test_two_processes_match_one_process_step_by_step(dpo_assets, tmp_path):
+def test_two_processes_match_one_process_step_by_step_and_resume_after_ctrl_c_on_two_only(dpo_assets, tmp_path):
     """accelerate launch --num_processes 2, 8 pairs per process, against one process with 16: the same data per
     step and averaged gradients, so the same loss and gradient norm at every step (within 1e-3 relative; LoRA
-    dropout off so that both are deterministic) and the same held-out accuracy."""
+    dropout off so that both are deterministic) and the same held-out accuracy. Ctrl-C (SIGINT to the launcher and
+    both processes, as a terminal sends it): one notice and one resume command, which launches two processes again
+    and ends with the losses and adapter of the uninterrupted run (within 1e-5); on one process it is refused."""
     common = ["--max_steps", "30", "--eval_steps", "0", "--lora_dropout", "0", "--num_eval_generations", "1",
               "--save_steps", "15", "--logging_steps", "1"]
     single = run_tiny(dpo, dpo_assets, tmp_path / "one", *common, "--per_device_train_batch_size", "16")
@@ -568,3 +571,21 @@ def test_two_processes_match_one_process_step_by_step(dpo_assets, tmp_path):
         assert [e[key] for e in double["train_log"]] == pytest.approx([e[key] for e in single["train_log"]], rel=1e-3)
     assert double["base"]["accuracy"] == single["base"]["accuracy"]
     assert abs(double["trained"]["accuracy"] - single["trained"]["accuracy"]) <= 0.02
+
+    stopped = tmp_path / "stopped"
+    code, output = launch_then_interrupt(DPO_SCRIPT, tiny_argv(dpo_assets, stopped, *common,
+                                                               "--per_device_train_batch_size", "8"), after=r" 5/30 \[")
+    assert code != 0 and output.count("SIGINT: finishing the current step") == 1, output[-3000:]
+    assert output.count("Resume with:") == 1 and "it ran on 2 processes" in output
+    command = output.split("Resume with:\n", 1)[1].splitlines()[0].strip()
+    assert command.startswith(f"accelerate launch --multi_gpu --num_processes 2 --mixed_precision no {DPO_SCRIPT}")
+    stops_with(r"--num_processes 2 -> 1", dpo.main, dpo.parse_args(shlex.split(command)[8:]))  # one process
+    resumed = run_printed_launch(command)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    log = json.loads((stopped / "eval.json").read_text())["train_log"]  # the checkpoint's log, then this run's
+    assert [e["step"] for e in log] == list(range(1, 31))
+    for key in ("loss", "grad_norm"):
+        assert [e[key] for e in log] == pytest.approx([e[key] for e in double["train_log"]], rel=1e-5)
+    expected, got = adapter_weights(tmp_path / "two"), adapter_weights(stopped)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)

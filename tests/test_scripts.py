@@ -190,6 +190,17 @@ def test_the_resume_command_drops_every_form_of_resume_and_overwrite():
         "python dpo_llama2_stackexchange.py --output_dir 'my dir' --resume 'my dir/checkpoint-3'"
 
 
+def test_the_resume_command_of_a_run_on_several_processes_launches_as_many(monkeypatch):
+    """As accelerate launch and torchrun set the environment: --multi_gpu too, which starts several processes even
+    on a machine without GPUs (without it accelerate starts one there)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ppo.resume_command("out/checkpoint-4", ["--seed", "1"]) == \
+        "torchrun --nproc_per_node 2 ppo_gpt2_imdb.py --seed 1 --resume out/checkpoint-4"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert ppo.resume_command("out/checkpoint-4", ["--seed", "1"]) == "accelerate launch --multi_gpu " \
+        "--num_processes 2 --mixed_precision bf16 ppo_gpt2_imdb.py --seed 1 --resume out/checkpoint-4"
+
+
 @pytest.mark.parametrize("module, marker", [(ppo, "counters.json"), (dpo, "trainer_state.json")], ids=["ppo", "dpo"])
 def test_continuing_a_finished_run_deletes_its_eval_json_and_model_before_training_starts(module, marker, tmp_path,
                                                                                           capsys):
