@@ -1083,7 +1083,7 @@ def save_atomically(directory: str, save, what: str, everyone: bool = True):
         shutil.rmtree(staging, ignore_errors=True)
         latest, trained = get_last_checkpoint(directory), saved_model_files(directory)
         then = resume_command(latest) if latest and not trained else ""
-        kept = "the trained model" if trained else f"checkpoints to {os.path.basename(latest)}" if latest else "none"
+        kept = "the trained model" if trained else f"checkpoints up to {os.path.basename(latest)}" if latest else "none"
         fail(f"Could not save {what} in {directory!r}: {errors[0]} ({shutil.disk_usage(directory).free / 2**20:.0f} "
              f"MiB free there). The half-written files are removed; what was saved before is kept ({kept}). "
              f"Free some space, then " + ("continue with:" if then else "run again."), then)

@@ -82,16 +82,19 @@ def run_then_signal(script: str, argv: list, after_line: str, delay: float = 2.0
     return code, "".join(lines) + (output or ""), (time.monotonic() - signalled) if signalled else None
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_command(script: str, argv: list, processes: int = 2) -> list:
     """`accelerate launch --multi_gpu --num_processes N script argv`, on a free port. On a machine without GPUs this
     starts N CPU processes joined over gloo (accelerate 1.15's `--cpu` flag starts only one process: its multi-CPU
     launcher needs mpirun)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), script, *map(str, argv)]
+            str(free_port()), script, *map(str, argv)]
 
 
 def accelerate_launch(script: str, argv: list, processes: int = 2, timeout: int = 900):
@@ -125,11 +128,8 @@ def run_printed_launch(command: str, timeout: int = 900) -> subprocess.Completed
     """A printed `accelerate launch ...` command as printed, by this environment's accelerate, on a free port."""
     tokens = shlex.split(command)
     assert tokens[:2] == ["accelerate", "launch"], command
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port),
-                           *tokens[2:]], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port",
+                           str(free_port()), *tokens[2:]], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=child_env(OMP_NUM_THREADS="1"))
 
 

@@ -556,17 +556,17 @@ def test_two_processes_match_one_process_step_by_step_and_resume_after_ctrl_c_on
     dropout off so that both are deterministic) and the same held-out accuracy. Ctrl-C (SIGINT to the launcher and
     both processes, as a terminal sends it): one notice and one resume command, which launches two processes again
     and ends with the losses and adapter of the uninterrupted run (within 1e-5); on one process it is refused."""
-    common = ["--max_steps", "30", "--eval_steps", "0", "--lora_dropout", "0", "--num_eval_generations", "1",
-              "--save_steps", "15", "--logging_steps", "1"]
+    common = ["--max_steps", "20", "--eval_steps", "0", "--lora_dropout", "0", "--num_eval_generations", "1",
+              "--save_steps", "10", "--logging_steps", "1"]
     single = run_tiny(dpo, dpo_assets, tmp_path / "one", *common, "--per_device_train_batch_size", "16")
     launched = accelerate_launch(DPO_SCRIPT, tiny_argv(dpo_assets, tmp_path / "two", *common,
                                                        "--per_device_train_batch_size", "8"))
     assert launched.returncode == 0, launched.stderr[-4000:]
-    assert launched.stdout.count("Training: 30 DPO steps on 2 x cpu") == 1
+    assert launched.stdout.count("Training: 20 DPO steps on 2 x cpu") == 1
     assert "find_unused_parameters" not in launched.stderr  # DDP's warning, twice per run, before the setting
     double = json.loads((tmp_path / "two" / "eval.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
-    assert [e["step"] for e in double["train_log"]] == [e["step"] for e in single["train_log"]] == list(range(1, 31))
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
+    assert [e["step"] for e in double["train_log"]] == [e["step"] for e in single["train_log"]] == list(range(1, 21))
     for key in ("loss", "grad_norm"):
         assert [e[key] for e in double["train_log"]] == pytest.approx([e[key] for e in single["train_log"]], rel=1e-3)
     assert double["base"]["accuracy"] == single["base"]["accuracy"]
@@ -574,7 +574,7 @@ def test_two_processes_match_one_process_step_by_step_and_resume_after_ctrl_c_on
 
     stopped = tmp_path / "stopped"
     code, output = launch_then_interrupt(DPO_SCRIPT, tiny_argv(dpo_assets, stopped, *common,
-                                                               "--per_device_train_batch_size", "8"), after=r" 5/30 \[")
+                                                               "--per_device_train_batch_size", "8"), after=r" 5/20 \[")
     assert code != 0 and output.count("SIGINT: finishing the current step") == 1, output[-3000:]
     assert output.count("Resume with:") == 1 and "it ran on 2 processes" in output
     command = output.split("Resume with:\n", 1)[1].splitlines()[0].strip()
@@ -583,7 +583,7 @@ def test_two_processes_match_one_process_step_by_step_and_resume_after_ctrl_c_on
     resumed = run_printed_launch(command)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     log = json.loads((stopped / "eval.json").read_text())["train_log"]  # the checkpoint's log, then this run's
-    assert [e["step"] for e in log] == list(range(1, 31))
+    assert [e["step"] for e in log] == list(range(1, 21))
     for key in ("loss", "grad_norm"):
         assert [e[key] for e in log] == pytest.approx([e[key] for e in double["train_log"]], rel=1e-5)
     expected, got = adapter_weights(tmp_path / "two"), adapter_weights(stopped)

@@ -4,14 +4,16 @@ them raises the errors a full disk raises from a patched writer, in this process
 import errno
 import json
 import os
+import re
 import signal
-import socket
+import subprocess
+import sys
 
 import pytest
 
 import dpo_llama2_stackexchange as dpo
 import ppo_gpt2_imdb as ppo
-from helpers import DPO_SCRIPT, PPO_SCRIPT, on_a_small_disk, run_cli, tiny_argv
+from helpers import DPO_SCRIPT, PPO_SCRIPT, REPO, child_env, free_port, on_a_small_disk, tiny_argv
 
 FULL = "No space left on device"
 
@@ -33,7 +35,7 @@ def test_a_write_that_fails_while_saving_is_one_paragraph_and_leaves_no_half_wri
     message = " ".join(str(pytest.raises(SystemExit, module.save_atomically, str(tmp_path), save,
                                          "checkpoint-4").value).split())
     assert f"Could not save checkpoint-4 in '{tmp_path}': {type(error).__name__}: {str(error)[:30]}" in message
-    assert " MiB free there). The half-written files are removed; what was saved before is kept (checkpoints to " \
+    assert " MiB free there). The half-written files are removed; what was saved before is kept (checkpoints up to " \
            "checkpoint-2). Free some space, then continue with:" in message and "The disk is full (" in message
     assert message.endswith(f"--resume {tmp_path}/checkpoint-2") and "Traceback" not in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # no .saving, no checkpoint-4
@@ -58,7 +60,8 @@ def written_files(directory) -> list:
 def test_ppo_on_a_disk_that_fills_at_a_checkpoint_says_so_and_the_printed_command_continues(ppo_assets, tmp_path):
     """A 5 MiB tmpfs holds checkpoint-2 (3.4 MiB) but not checkpoint-4 beside it. The run stops with one
     paragraph, no traceback, exit 1; checkpoint-2 is intact and nothing of checkpoint-4 is left. With space again
-    (the same files on the real disk), the printed command finishes the run."""
+    (the same files on the real disk), the printed command, run verbatim by a shell, finishes the run, its progress
+    bar counting the whole run's updates."""
     out = tmp_path / "run"
     argv = tiny_argv(ppo_assets, out, "--total_episodes", "192", "--save_steps", "2", "--num_eval_prompts", "8")
     failed = on_a_small_disk(PPO_SCRIPT, argv, out, kib=5120)
@@ -66,15 +69,19 @@ def test_ppo_on_a_disk_that_fills_at_a_checkpoint_says_so_and_the_printed_comman
     assert "Traceback" not in failed.stderr and failed.stderr.count("error: Could not save") == 1
     message = " ".join(failed.stderr.split())
     assert f"Could not save checkpoint-4 in '{out}': RuntimeError: " in message and "The disk is full (" in message
-    assert "(checkpoints to checkpoint-2). Free some space, then continue with:" in message
+    assert "(checkpoints up to checkpoint-2). Free some space, then continue with:" in message
     assert written_files(out) == ["checkpoint-2/counters.json", "checkpoint-2/custom_checkpoint_0.pkl",
                                   "checkpoint-2/optimizer.bin", "checkpoint-2/pytorch_model.bin",
                                   "checkpoint-2/random_states_0.pkl", "settings.json"]
-    command = failed.stderr.split("continue with:\n", 1)[1].splitlines()[0].split()
-    assert command[:2] == ["python", PPO_SCRIPT] and command[-2:] == ["--resume", f"{out}/checkpoint-2"]
-    resumed = run_cli(PPO_SCRIPT, command[2:])
+    command = failed.stderr.split("continue with:\n", 1)[1].splitlines()[0].strip()
+    assert command.startswith(f"python {PPO_SCRIPT} ") and command.endswith(f" --resume {out}/checkpoint-2")
+    bin_dir = os.path.dirname(sys.executable)  # `python` as the user's shell finds it, in this environment
+    resumed = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=600,
+                             env=child_env(PATH=bin_dir + os.pathsep + os.environ["PATH"]))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after update 2" in resumed.stdout
+    bar = re.findall(r"(\d+)/(\d+) \[", resumed.stderr)  # counts the whole run's updates
+    assert {total for _, total in bar} == {"6"} and bar[-1] == ("6", "6")
     assert json.loads((out / "eval.json").read_text())["updates_this_run"] == 4
 
 
@@ -122,10 +129,7 @@ def test_a_write_that_fails_on_one_process_stops_every_process_and_the_main_one_
     joined as accelerate joins them."""
     import torch.multiprocessing
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(save_and_fail_on_rank_1, args=(str(tmp_path), port), nprocs=2, join=True)
+    torch.multiprocessing.spawn(save_and_fail_on_rank_1, args=(str(tmp_path), free_port()), nprocs=2, join=True)
     said = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     assert said[1] == {"code": 1}
     assert said[0]["code"].startswith("\nerror: Could not save checkpoint-1 in ")
