@@ -977,14 +977,13 @@ class StopRequest:
     def exit_after_checkpoint(self, when: str, checkpoint: str):
         how = f"set resume = {checkpoint!r} in Args and run again" if "ipykernel" in sys.modules else \
             f"  {resume_command(checkpoint)}"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            how += f"\n(it ran on {os.environ['WORLD_SIZE']} processes: give any other launcher option it had too)"
         self.stop_now(f"\nStopped by {self.signal_name} {when}; checkpoint saved in {checkpoint}.\nResume with:\n{how}")
 
 
 def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
-    """This run's command line, resuming from `checkpoint`: launched the same way (as many processes), without its
-    own --resume (bare, with a value or =PATH) and --overwrite_output_dir, which would delete the checkpoints."""
+    """This run's command line, resuming from `checkpoint`: launched the same way (as many processes, and a line on
+    what the script cannot know), without its own --resume (bare, with a value or =PATH) and --overwrite_output_dir,
+    which would delete the checkpoints."""
     argv, dropped = list(sys.argv[1:] if argv is None else argv), ("--resume", "--overwrite_output_dir")
     kept = [token for i, token in enumerate(argv) if token.split("=", 1)[0] not in dropped
             and not (i and argv[i - 1] in dropped and not token.startswith("--"))]
@@ -993,7 +992,8 @@ def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
     if processes != "1" and "ACCELERATE_MIXED_PRECISION" in os.environ:
         launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", processes, "--mixed_precision",
                     os.environ["ACCELERATE_MIXED_PRECISION"]]
-    return shlex.join([*launcher, SCRIPT, *kept, "--resume", checkpoint])
+    note = "" if processes == "1" else f"\n  (it ran on {processes} processes: add any other launcher option it had)"
+    return shlex.join([*launcher, SCRIPT, *kept, "--resume", checkpoint]) + note
 
 
 def prepare_tracking(args):

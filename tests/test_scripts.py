@@ -194,11 +194,12 @@ def test_the_resume_command_of_a_run_on_several_processes_launches_as_many(monke
     """As accelerate launch and torchrun set the environment: --multi_gpu too, which starts several processes even
     on a machine without GPUs (without it accelerate starts one there)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    note = "\n  (it ran on 2 processes: add any other launcher option it had)"  # a config file, say
     assert ppo.resume_command("out/checkpoint-4", ["--seed", "1"]) == \
-        "torchrun --nproc_per_node 2 ppo_gpt2_imdb.py --seed 1 --resume out/checkpoint-4"
+        "torchrun --nproc_per_node 2 ppo_gpt2_imdb.py --seed 1 --resume out/checkpoint-4" + note
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert ppo.resume_command("out/checkpoint-4", ["--seed", "1"]) == "accelerate launch --multi_gpu " \
-        "--num_processes 2 --mixed_precision bf16 ppo_gpt2_imdb.py --seed 1 --resume out/checkpoint-4"
+        "--num_processes 2 --mixed_precision bf16 ppo_gpt2_imdb.py --seed 1 --resume out/checkpoint-4" + note
 
 
 @pytest.mark.parametrize("module, marker", [(ppo, "counters.json"), (dpo, "trainer_state.json")], ids=["ppo", "dpo"])
