@@ -1,6 +1,7 @@
-"""Edges of both scripts: a disk that fills while saving, and runs on two processes stopped by Ctrl-C. The disk
-tests run the scripts on a real tmpfs that fills (in a mount namespace of the test's own); the unit test below
-them raises the errors a full disk raises from a patched writer, in this process."""
+"""Edges of both scripts: a disk that fills while saving, and signals and failures on several processes. The
+end-to-end disk tests run the scripts on a real tmpfs that fills (in a mount namespace of the test's own); the
+in-process ones raise the errors a full disk raises from a patched writer. Ctrl-C on two processes, end to end,
+is in each script's two-process test (test_ppo.py, test_dpo.py)."""
 import errno
 import json
 import os
@@ -29,7 +30,8 @@ def test_a_write_that_fails_while_saving_is_one_paragraph_and_leaves_no_half_wri
 
     def save(staging):
         os.makedirs(os.path.join(staging, "checkpoint-4"))
-        open(os.path.join(staging, "checkpoint-4", "weights.bin"), "w").write("half of it")
+        with open(os.path.join(staging, "checkpoint-4", "weights.bin"), "w") as handle:
+            handle.write("half of it")
         raise error
 
     message = " ".join(str(pytest.raises(SystemExit, module.save_atomically, str(tmp_path), save,
