@@ -574,7 +574,7 @@ def test_two_processes_match_one_process_step_by_step_and_resume_after_ctrl_c_on
 
     stopped = tmp_path / "stopped"
     code, output = launch_then_interrupt(DPO_SCRIPT, tiny_argv(dpo_assets, stopped, *common,
-                                                               "--per_device_train_batch_size", "8"), after=r" 5/20 \[")
+                                                               "--per_device_train_batch_size", "8"), after=r" [5-9]/20 \[")
     assert code != 0 and output.count("SIGINT: finishing the current step") == 1, output[-3000:]
     assert output.count("Resume with:") == 1 and "it ran on 2 processes" in output
     command = output.split("Resume with:\n", 1)[1].splitlines()[0].strip()

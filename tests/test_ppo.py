@@ -1013,7 +1013,7 @@ def test_two_processes_learn_speak_once_and_resume_after_ctrl_c_on_two_processes
 
     stopped = tmp_path / "stopped"
     code, output = launch_then_interrupt(PPO_SCRIPT, tiny_argv(ppo_assets, stopped, *common, "--batch_size", "16"),
-                                         after=r" 5/40 \[")
+                                         after=r" ([5-9]|1[0-5])/40 \[")
     assert code != 0 and output.count("SIGINT: finishing the current step") == 1, output[-3000:]
     assert output.count("Resume with:") == 1 and "it ran on 2 processes" in output
     command = output.split("Resume with:\n", 1)[1].splitlines()[0].strip()
