@@ -365,8 +365,7 @@ def report(base: dict, trained: dict, args: Args):
 def merge_full_model(args: Args, tokenizer):
     """The adapter merged into an unquantised copy of the base (merging into 4-bit weights would lose precision)."""
     gc.collect()  # the 4-bit base, let go by the caller
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op where CUDA was never used
     base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=compute_dtype(args))
     merged = PeftModel.from_pretrained(base, args.output_dir).merge_and_unload()
 

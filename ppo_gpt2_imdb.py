@@ -201,8 +201,7 @@ def load_policy_models(args: Args, tokenizer):  # policy, frozen reference copy,
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))  # room for the added [PAD]
         model.config.pad_token_id = tokenizer.pad_token_id
-        # TRL's training passes never read a KV cache; GPT-2's config would build one in each (generate keeps its own)
-        model.config.use_cache = False
+        model.config.use_cache = False  # TRL's training passes never read a KV cache (generate keeps its own)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     policy.generation_config.eos_token_id = tokenizer.eos_token_id
     check_context_length(args, policy.config)
