@@ -490,10 +490,9 @@ def validate(args: Args):
         fail(f"--lora_target_modules names no module (got {args.lora_target_modules!r}): give the comma-separated "
              f"names of the linear layers LoRA adapts, such as {Args.lora_target_modules}.")
     for name, known in (("lr_scheduler_type", SchedulerType), ("optim", OptimizerNames)):
-        value, choices = getattr(args, name), [choice.value for choice in known]
-        if value not in choices:
-            listed = ", ".join(choices[:15]) + (f" and {len(choices) - 15} more" if len(choices) > 15 else "")
-            fail(f"--{name} {value!r} is not one transformers knows{did_you_mean(value, choices)}. It takes: {listed}.")
+        if getattr(args, name) not in [choice.value for choice in known]:
+            fail(f"--{name} {getattr(args, name)!r} is not one transformers knows. It takes: "
+                 f"{', '.join(choice.value for choice in known)}.")
     if args.max_prompt_length >= args.max_length:
         fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}): "
              f"the answer needs room.")
@@ -552,11 +551,10 @@ def check_lora_targets(targets: list, model):
 
 # <shared plumbing>
 # %% Appendix C: shared plumbing, identical in both scripts (a test compares them) and inlined so that each runs
-# copied alone. Only what the pinned libraries do not do: presets and YAML values checked as flags, one-paragraph
-# errors, overwrite protection, the settings a resume must match, the resume command, the stop handler and wandb's
-# offline fallback. It reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
+# copied alone. Only what the pinned libraries do not do: presets, one-paragraph errors, overwrite protection, the
+# settings a resume must match, saves that never look complete before they are, the resume command, the stop handler
+# and wandb's offline fallback. It reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
 import argparse
-import difflib
 import errno
 import importlib.util
 import json
@@ -566,33 +564,28 @@ import shlex
 import shutil
 import tempfile
 import textwrap
-import zipfile
 from functools import partial
 
 import yaml
 from accelerate.utils import gather_object
 from huggingface_hub import get_token
-from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+from huggingface_hub.errors import GatedRepoError
 from huggingface_hub.utils import logging as hub_logging
-from safetensors import safe_open
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_tf32_available
+from trl import TrlParser
 
 hub_logging.set_verbosity_error()  # the hub client's retry lines: a load that fails is said in one paragraph
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """`Args` from flags, which win over a --config YAML file, which wins over a preset, which wins over the constants
-    in `Args`. In a notebook the command line is the kernel's own: the constants as edited in `Args` are used."""
+    """`Args` from flags, which win over a --config YAML file (TRL's parser), which wins over a preset, which wins over
+    the constants in `Args`. In a notebook the command line is the kernel's own: the constants as edited are used."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
-    argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
-    if "--config" in argv[:-1]:  # the file's values as flags in front: argparse checks them, later flags win
-        at = argv.index("--config")
-        argv = [*yaml_as_flags(argv[at + 1]), *argv[:at], *argv[at + 2 :]]
     base = parse_with_defaults(argv, {})
     if not base.preset:
         return base
@@ -607,50 +600,24 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return args
 
 
-def yaml_as_flags(path: str) -> list:
-    """A YAML file's settings as flags, values as written (`run_name: 0123` stays 0123, where YAML 1.1 reads 83)."""
-    try:
-        with open(path) as handle:
-            settings = yaml.load(handle, Loader=yaml.BaseLoader) or {}
-    except (OSError, yaml.YAMLError) as err:
-        fail(f"--config: cannot read {path} as YAML: {' '.join(str(err).split())}.")
-    if not isinstance(settings, dict) or any(isinstance(value, dict) for value in settings.values()):
-        fail(f"--config: {path} is not a list of settings: write one `name: value` line per setting.")
-    unknown = [name for name in settings if name not in Args.__dataclass_fields__]
-    if unknown:
-        fail(f"Unknown setting {unknown_names(unknown)} in the YAML file. `python {SCRIPT} --help` lists them all.")
-    flags = {name: ",".join(value) if isinstance(value, list) else value for name, value in settings.items()
-             if value not in ("", "~", "null")}  # a list is a comma-separated setting; no value keeps the default
-    if flags.get("resume") == "true":  # `resume: true` is a bare --resume
-        flags["resume"] = "latest"
-    return [part for name, value in flags.items() for part in (f"--{name}", value)]
-
-
 def parse_with_defaults(argv: list, defaults: dict) -> Args:
-    parser = HfArgumentParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
+    parser = TrlParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     parser.error = lambda message: fail(f"{message.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="YAML file of settings (name: value); flags given on the command line win over it")
     for action in parser._actions:  # transformers gives --no_X the help of --X, which says the opposite
         if action.option_strings[0].startswith("--no_"):
             action.help, action.default = f"turn --{action.option_strings[0][5:]} off", argparse.SUPPRESS
-    parser.set_defaults(**defaults)
+    parser.set_defaults(**defaults)  # a YAML file's values replace these (as defaults: argparse checks only text)
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # transformers' parser reports unknown settings as a ValueError
-        unknown = re.findall(r"'--([^']+)'", str(err))
-        fail(f"Unknown setting {unknown_names(unknown)} on the command line. `python {SCRIPT} --help` lists them all.")
+        (args,) = parser.parse_args_and_config(argv)
+    except (OSError, yaml.YAMLError) as err:
+        fail(f"--config: cannot read it as YAML: {' '.join(str(err).split())}.")
+    except ValueError as err:  # an unknown setting, listed as '--name', or a YAML file that is not a mapping
+        unknown = ", ".join(re.findall(r"'--?([^']+)'", str(err)))
+        what = f"Unknown setting {unknown} (on the command line or in the YAML file)" if unknown else f"--config: {err}"
+        fail(f"{what.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     return args
-
-
-def unknown_names(names: list) -> str:
-    return ", ".join(f"'{name}'{did_you_mean(name, list(Args.__dataclass_fields__))}" for name in names)
-
-
-def did_you_mean(name: str, known: list) -> str:
-    """The hint ' (did you mean X?)', X the first known name that begins with `name`, else the closest; or ''."""
-    close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def fail(message: str, command: str = ""):
@@ -665,7 +632,8 @@ def looks_local(name: str) -> bool:  # a hub id is NAME or OWNER/NAME
 
 
 def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
-    """`load(name)`; a missing path, a gated repo, an unreachable hub or a broken file: one paragraph."""
+    """`load(name)`; a missing path, a gated repo, an unreachable hub or a broken file: one paragraph, in which the
+    library's own message (transformers' and datasets' say what went wrong) names the setting to change."""
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         fail(f"--{setting}={name!r} looks like a local path, but nothing exists there.")
     try:
@@ -677,25 +645,16 @@ def load_or_explain(load, name: str, setting: str, related: Optional[str] = None
 
 
 def explain_load_error(err: Exception, name: str, setting: str, related: Optional[str] = None) -> str:
-    """By the hub client's error types, which transformers and datasets chain into their own errors."""
-    chain = [err]
-    while chain[-1].__cause__ or chain[-1].__context__:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
-    if any(isinstance(error, GatedRepoError) for error in chain):
-        return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
-                f"license on its hub page, then give this machine your token (`hf auth login`, or set HF_TOKEN). Or "
-                f"set --{setting} to an open model or a local directory.{tiny}")
-    if any(isinstance(error, LocalEntryNotFoundError) for error in chain) or "Couldn't reach" in str(err):
-        return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
-                f"local cache. Connect to the internet, or download it elsewhere and set --{setting} to its local "
-                f"directory.{tiny}")
     settings = f"--{setting}" + (f" and --{related}" if related else "")
-    return f"Could not load '{name}' ({settings}): {error_summary(err)}. Check {settings}.{tiny}"
+    gated = any(isinstance(error, GatedRepoError) for error in (err, err.__cause__, err.__context__))
+    access = " It is gated: accept its license on its hub page, then log in here (`hf auth login`, or set HF_TOKEN)." \
+        if gated else ""
+    tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
+    return f"Could not load '{name}' ({settings}): {error_summary(err)}.{access} Check {settings}.{tiny}"
 
 
 def error_summary(err: BaseException) -> str:  # with its cause's: a broken file's own message is often there
-    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()).rstrip(":") for e in (err, err.__cause__) if e]
+    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()).rstrip(":.") for e in (err, err.__cause__) if e]
     return " <- ".join(lines)
 
 
@@ -772,7 +731,7 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
              f"was changed. Choose another --output_dir, or add --overwrite_output_dir to replace the finished model "
              f"(without --resume: start over).")
     if args.resume:
-        checkpoint = latest if args.resume == "latest" else args.resume
+        checkpoint = latest if args.resume in ("latest", True) else args.resume  # YAML's `resume: true` too
         if not checkpoint:
             fail(f"--resume: no checkpoint of this script in --output_dir {directory!r} (a checkpoint-N directory "
                  f"with {checkpoint_marker}). Give the output dir of the interrupted run, or a checkpoint path.")
@@ -841,27 +800,12 @@ def processes() -> dict:  # as many as the launcher's --num_processes: each take
 
 
 def check_checkpoint(checkpoint: str, marker: str):
-    """Every file of a checkpoint readable (headers, not whole tensors) before any model is loaded."""
+    """A checkpoint-N folder of this script. Complete if it exists: save_atomically moves it in once written whole."""
     inside = get_last_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
-    named = os.path.basename(os.path.normpath(checkpoint)).startswith("checkpoint-")
-    if inside or not os.path.isdir(checkpoint) or not (named or os.path.exists(os.path.join(checkpoint, marker))):
+    if inside or not os.path.exists(os.path.join(checkpoint, marker)):
         fail(f"--resume {checkpoint!r} is not a checkpoint of this script (a checkpoint-N folder with {marker}). "
              f"Nothing was loaded. Use --resume alone for the latest one in --output_dir, or --resume "
              f"{inside or 'with a checkpoint-N path'}.")
-    broken = None if os.path.exists(os.path.join(checkpoint, marker)) else f"{marker} is missing"
-    for path in [os.path.join(root, name) for root, _, files in os.walk(checkpoint) for name in files]:
-        try:
-            if path.endswith(".safetensors"):
-                safe_open(path, framework="pt").keys()  # refuses a truncated file
-            elif path.endswith((".bin", ".pt", ".pth")):
-                zipfile.ZipFile(path).close()  # torch.save writes a zip archive; its directory is at the end
-            elif path.endswith(".json"):
-                read_json(path)
-        except Exception as err:  # any failure to read means the file is broken
-            broken = broken or f"{os.path.relpath(path, checkpoint)} cannot be read ({type(err).__name__}: {err})"
-    if broken:
-        fail(f"The checkpoint {checkpoint!r} is incomplete or damaged: {broken}. Nothing was loaded: resume from an "
-             f"earlier checkpoint-N (--resume PATH), or start fresh with --overwrite_output_dir (without --resume).")
 
 
 def read_json(path: str) -> dict:

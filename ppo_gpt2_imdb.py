@@ -66,7 +66,6 @@ class Args:
 
     # Models
     model_name_or_path: str = arg("lvwerra/gpt2-imdb", "policy to train: hub id or local directory")
-    value_model_name_or_path: Optional[str] = arg(None, "value model backbone (scalar head added); None: the policy")
     reward_model_name_or_path: str = arg("lvwerra/distilbert-imdb", "sentiment classifier giving the reward")
     positive_label: str = arg("POSITIVE", "label name (in the classifier's config.label2id) whose logit is the reward")
     reward_batch_size: int = arg(128, "texts per classifier forward pass")
@@ -192,11 +191,9 @@ def load_policy_tokenizer(args: Args):
 
 def load_policy_models(args: Args, tokenizer):  # policy, frozen reference copy, value model (backbone + scalar head)
     policy = load_or_explain(AutoModelForCausalLM.from_pretrained, args.model_name_or_path, "model_name_or_path")
-    value_name = args.value_model_name_or_path or args.model_name_or_path
-    check_value_model_vocabulary(value_name, tokenizer)
-    # The scalar value head is new either way: a checkpoint's own classifier head (other labels) is not loaded.
+    # The policy's own backbone under a new scalar head: it reads the policy's token ids.
     value_model = load_or_explain(lambda name: AutoModelForSequenceClassification.from_pretrained(
-        name, num_labels=1, ignore_mismatched_sizes=True), value_name, "value_model_name_or_path")
+        name, num_labels=1), args.model_name_or_path, "model_name_or_path")
     for model in (policy, value_model):
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))  # room for the added [PAD]
@@ -383,8 +380,8 @@ def report(reference: dict, trained: dict, args: Args):
 #   --free_memory_each_update: TRL collects garbage twice and empties the CUDA cache about ten times per update
 # - the trainer's `dataloader`: a resumable batch order (TRL reshuffles from the global RNG and cannot resume);
 #   `args.num_total_batches` shortened on resume; a callback saves checkpoints and stops on a signal
-# - `log`, `generate_completions`, `sample_generations_freq`: the reward's spread, episodes per second of this run,
-#   logging every logging_steps, sample tables every N updates without shifting training's RNG
+# - `log`, `generate_completions`, `sample_generations_freq`: episodes per second of this run, logging every
+#   logging_steps, sample tables every N updates without shifting training's RNG
 # - ACCELERATE_MIXED_PRECISION while TRL builds its Accelerator (it passes none): bf16 autocast in the PPO epochs
 # - on a GPU, the policy's `generate` while training (rollouts decode into one static cache) and the forward of
 #   TRL's policy-and-value wrapper (compiled, after one eager call)
@@ -410,7 +407,6 @@ class SentimentReward(torch.nn.Module):
         self.classifier_tokenizer, self.policy_tokenizer = classifier_tokenizer, policy_tokenizer
         self.label_index, self.batch_size = label_index, batch_size
         self.score = torch.nn.Identity()
-        self.recent_rewards: list[torch.Tensor] = []  # since the last `pop_recent_rewards`, for logging
 
     @property
     def backbone(self):
@@ -436,19 +432,14 @@ class SentimentReward(torch.nn.Module):
         rows = [[token for token, keep in zip(ids, mask) if keep]
                 for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist())]
         scores = self.score_token_rows(rows)
-        self.recent_rewards.append(scores.detach().cpu())
         # TRL reads `score(hidden_states[-1])` at each sequence's last token: broadcast the score over positions.
         return SimpleNamespace(hidden_states=(scores.view(-1, 1, 1).expand(-1, input_ids.shape[1], 1),))
-
-    def pop_recent_rewards(self) -> torch.Tensor:
-        rewards, self.recent_rewards = self.recent_rewards, []
-        return torch.cat(rewards) if rewards else torch.zeros(0)
 
 
 class SentimentPPOTrainer(PPOTrainer):
     """TRL's PPO trainer with what the list above says: faithful resume (weights, optimizer, schedule, RNG,
-    counters, data position), a stop after the current update, sample tables every `sample_every` updates, the
-    reward's spread in the logs, and on a GPU static-cache rollouts and compiled PPO epochs under bf16 autocast."""
+    counters, data position), a stop after the current update, sample tables every `sample_every` updates, and on
+    a GPU static-cache rollouts and compiled PPO epochs under bf16 autocast."""
 
     def __init__(self, *args, settings: Args, checkpoint: Optional[str], stop: "StopRequest", **kwargs):
         previous = os.environ.get("ACCELERATE_MIXED_PRECISION")
@@ -504,9 +495,7 @@ class SentimentPPOTrainer(PPOTrainer):
                                     response_length=self.args.response_length)
 
     def log(self, logs: dict, *args, **kwargs):
-        if "objective/scores" in logs:  # TRL logs once per update, right after the PPO epochs, the mean reward only
-            rewards = self.accelerator.gather_for_metrics(self.reward_model.pop_recent_rewards().to(self.args.device))
-            logs["objective/scores_std"] = rewards.float().std().item() if len(rewards) > 1 else 0.0
+        if "objective/scores" in logs:  # TRL logs once per update, right after the PPO epochs
             if self.checkpoints.resumed and self.state.episode:  # TRL divides every episode, those of the run
                 done = self.checkpoints.resumed["episode"]  # resumed too, by this run's time: 5x too high at first
                 logs["eps"] = int(logs.get("eps", 0) * (self.state.episode - done) / self.state.episode)
@@ -519,7 +508,6 @@ class SentimentPPOTrainer(PPOTrainer):
         # Sample tables must not shift training's random numbers (a resumed run would diverge from the original).
         with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
             super().generate_completions(sampling)
-        self.reward_model.pop_recent_rewards()  # sample-table rewards are not rollout rewards
 
 
 class ResumableBatches:
@@ -641,8 +629,8 @@ def compile_ppo_epochs(wrapper, mode: str = "reduce-overhead"):
 # %% Appendix B: this script's checks: one paragraph naming the setting to change, as early as the facts are known.
 # Settings that shape training's course: a resumed run must use those its checkpoint's run used (settings.json in
 # the output dir), or it would end where neither run would. The others (tracking, saving, speed) may change.
-RESUME_MUST_MATCH = ("model_name_or_path", "value_model_name_or_path", "reward_model_name_or_path", "positive_label",
-                     "dataset_name", "dataset_train_split", "text_column", "seed", "batch_size", "num_mini_batches",
+RESUME_MUST_MATCH = ("model_name_or_path", "reward_model_name_or_path", "positive_label", "dataset_name",
+                     "dataset_train_split", "text_column", "seed", "batch_size", "num_mini_batches",
                      "gradient_accumulation_steps", "num_ppo_epochs", "learning_rate", "total_episodes", "kl_coef",
                      "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "response_length", "temperature",
                      "prompt_min_tokens", "prompt_max_tokens", "min_review_chars")
@@ -701,18 +689,6 @@ def check_enough_prompts(args: Args, prompts: int):
              f"({args.batch_size}) for each of {processes} process(es). Lower --batch_size or --min_review_chars.")
 
 
-def check_value_model_vocabulary(value_name: str, tokenizer):
-    """The value model reads the policy's token ids: its vocabulary must be the tokenizer's (with or without the
-    added [PAD])."""
-    config = load_or_explain(AutoConfig.from_pretrained, value_name, "value_model_name_or_path")
-    value_vocab = getattr(config.get_text_config(), "vocab_size", None)
-    if value_vocab is None or not tokenizer.vocab_size <= value_vocab <= len(tokenizer):
-        fail(f"The value model '{value_name}' (--value_model_name_or_path) has a vocabulary of {value_vocab} tokens, "
-             f"the policy's tokenizer {tokenizer.vocab_size} (+{len(tokenizer) - tokenizer.vocab_size} added): it "
-             f"reads the policy's token ids, so it must share the policy's tokenizer. Leave "
-             f"--value_model_name_or_path unset (the policy's own backbone) or give a model of the policy's family.")
-
-
 def check_context_length(args: Args, config):
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if context and args.prompt_max_tokens + args.response_length > context:
@@ -734,11 +710,10 @@ def check_reward_model(args: Args, config):
 
 # <shared plumbing>
 # %% Appendix C: shared plumbing, identical in both scripts (a test compares them) and inlined so that each runs
-# copied alone. Only what the pinned libraries do not do: presets and YAML values checked as flags, one-paragraph
-# errors, overwrite protection, the settings a resume must match, the resume command, the stop handler and wandb's
-# offline fallback. It reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
+# copied alone. Only what the pinned libraries do not do: presets, one-paragraph errors, overwrite protection, the
+# settings a resume must match, saves that never look complete before they are, the resume command, the stop handler
+# and wandb's offline fallback. It reads the script's own `Args`, `PRESETS`, `RESUME_MUST_MATCH` and `SCRIPT`.
 import argparse
-import difflib
 import errno
 import importlib.util
 import json
@@ -748,33 +723,28 @@ import shlex
 import shutil
 import tempfile
 import textwrap
-import zipfile
 from functools import partial
 
 import yaml
 from accelerate.utils import gather_object
 from huggingface_hub import get_token
-from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+from huggingface_hub.errors import GatedRepoError
 from huggingface_hub.utils import logging as hub_logging
-from safetensors import safe_open
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_tf32_available
+from trl import TrlParser
 
 hub_logging.set_verbosity_error()  # the hub client's retry lines: a load that fails is said in one paragraph
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """`Args` from flags, which win over a --config YAML file, which wins over a preset, which wins over the constants
-    in `Args`. In a notebook the command line is the kernel's own: the constants as edited in `Args` are used."""
+    """`Args` from flags, which win over a --config YAML file (TRL's parser), which wins over a preset, which wins over
+    the constants in `Args`. In a notebook the command line is the kernel's own: the constants as edited are used."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
-    argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
-    if "--config" in argv[:-1]:  # the file's values as flags in front: argparse checks them, later flags win
-        at = argv.index("--config")
-        argv = [*yaml_as_flags(argv[at + 1]), *argv[:at], *argv[at + 2 :]]
     base = parse_with_defaults(argv, {})
     if not base.preset:
         return base
@@ -789,50 +759,24 @@ def parse_args(argv: Optional[list] = None) -> Args:
     return args
 
 
-def yaml_as_flags(path: str) -> list:
-    """A YAML file's settings as flags, values as written (`run_name: 0123` stays 0123, where YAML 1.1 reads 83)."""
-    try:
-        with open(path) as handle:
-            settings = yaml.load(handle, Loader=yaml.BaseLoader) or {}
-    except (OSError, yaml.YAMLError) as err:
-        fail(f"--config: cannot read {path} as YAML: {' '.join(str(err).split())}.")
-    if not isinstance(settings, dict) or any(isinstance(value, dict) for value in settings.values()):
-        fail(f"--config: {path} is not a list of settings: write one `name: value` line per setting.")
-    unknown = [name for name in settings if name not in Args.__dataclass_fields__]
-    if unknown:
-        fail(f"Unknown setting {unknown_names(unknown)} in the YAML file. `python {SCRIPT} --help` lists them all.")
-    flags = {name: ",".join(value) if isinstance(value, list) else value for name, value in settings.items()
-             if value not in ("", "~", "null")}  # a list is a comma-separated setting; no value keeps the default
-    if flags.get("resume") == "true":  # `resume: true` is a bare --resume
-        flags["resume"] = "latest"
-    return [part for name, value in flags.items() for part in (f"--{name}", value)]
-
-
 def parse_with_defaults(argv: list, defaults: dict) -> Args:
-    parser = HfArgumentParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
+    parser = TrlParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     parser.error = lambda message: fail(f"{message.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="YAML file of settings (name: value); flags given on the command line win over it")
     for action in parser._actions:  # transformers gives --no_X the help of --X, which says the opposite
         if action.option_strings[0].startswith("--no_"):
             action.help, action.default = f"turn --{action.option_strings[0][5:]} off", argparse.SUPPRESS
-    parser.set_defaults(**defaults)
+    parser.set_defaults(**defaults)  # a YAML file's values replace these (as defaults: argparse checks only text)
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # transformers' parser reports unknown settings as a ValueError
-        unknown = re.findall(r"'--([^']+)'", str(err))
-        fail(f"Unknown setting {unknown_names(unknown)} on the command line. `python {SCRIPT} --help` lists them all.")
+        (args,) = parser.parse_args_and_config(argv)
+    except (OSError, yaml.YAMLError) as err:
+        fail(f"--config: cannot read it as YAML: {' '.join(str(err).split())}.")
+    except ValueError as err:  # an unknown setting, listed as '--name', or a YAML file that is not a mapping
+        unknown = ", ".join(re.findall(r"'--?([^']+)'", str(err)))
+        what = f"Unknown setting {unknown} (on the command line or in the YAML file)" if unknown else f"--config: {err}"
+        fail(f"{what.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     return args
-
-
-def unknown_names(names: list) -> str:
-    return ", ".join(f"'{name}'{did_you_mean(name, list(Args.__dataclass_fields__))}" for name in names)
-
-
-def did_you_mean(name: str, known: list) -> str:
-    """The hint ' (did you mean X?)', X the first known name that begins with `name`, else the closest; or ''."""
-    close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, 1)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def fail(message: str, command: str = ""):
@@ -847,7 +791,8 @@ def looks_local(name: str) -> bool:  # a hub id is NAME or OWNER/NAME
 
 
 def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
-    """`load(name)`; a missing path, a gated repo, an unreachable hub or a broken file: one paragraph."""
+    """`load(name)`; a missing path, a gated repo, an unreachable hub or a broken file: one paragraph, in which the
+    library's own message (transformers' and datasets' say what went wrong) names the setting to change."""
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         fail(f"--{setting}={name!r} looks like a local path, but nothing exists there.")
     try:
@@ -859,25 +804,16 @@ def load_or_explain(load, name: str, setting: str, related: Optional[str] = None
 
 
 def explain_load_error(err: Exception, name: str, setting: str, related: Optional[str] = None) -> str:
-    """By the hub client's error types, which transformers and datasets chain into their own errors."""
-    chain = [err]
-    while chain[-1].__cause__ or chain[-1].__context__:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
-    if any(isinstance(error, GatedRepoError) for error in chain):
-        return (f"'{name}' (--{setting}) is a gated repository and this machine has no access to it: accept its "
-                f"license on its hub page, then give this machine your token (`hf auth login`, or set HF_TOKEN). Or "
-                f"set --{setting} to an open model or a local directory.{tiny}")
-    if any(isinstance(error, LocalEntryNotFoundError) for error in chain) or "Couldn't reach" in str(err):
-        return (f"Could not load '{name}' (--{setting}): the Hugging Face Hub cannot be reached and it is not in the "
-                f"local cache. Connect to the internet, or download it elsewhere and set --{setting} to its local "
-                f"directory.{tiny}")
     settings = f"--{setting}" + (f" and --{related}" if related else "")
-    return f"Could not load '{name}' ({settings}): {error_summary(err)}. Check {settings}.{tiny}"
+    gated = any(isinstance(error, GatedRepoError) for error in (err, err.__cause__, err.__context__))
+    access = " It is gated: accept its license on its hub page, then log in here (`hf auth login`, or set HF_TOKEN)." \
+        if gated else ""
+    tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
+    return f"Could not load '{name}' ({settings}): {error_summary(err)}.{access} Check {settings}.{tiny}"
 
 
 def error_summary(err: BaseException) -> str:  # with its cause's: a broken file's own message is often there
-    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()).rstrip(":") for e in (err, err.__cause__) if e]
+    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()).rstrip(":.") for e in (err, err.__cause__) if e]
     return " <- ".join(lines)
 
 
@@ -954,7 +890,7 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
              f"was changed. Choose another --output_dir, or add --overwrite_output_dir to replace the finished model "
              f"(without --resume: start over).")
     if args.resume:
-        checkpoint = latest if args.resume == "latest" else args.resume
+        checkpoint = latest if args.resume in ("latest", True) else args.resume  # YAML's `resume: true` too
         if not checkpoint:
             fail(f"--resume: no checkpoint of this script in --output_dir {directory!r} (a checkpoint-N directory "
                  f"with {checkpoint_marker}). Give the output dir of the interrupted run, or a checkpoint path.")
@@ -1023,27 +959,12 @@ def processes() -> dict:  # as many as the launcher's --num_processes: each take
 
 
 def check_checkpoint(checkpoint: str, marker: str):
-    """Every file of a checkpoint readable (headers, not whole tensors) before any model is loaded."""
+    """A checkpoint-N folder of this script. Complete if it exists: save_atomically moves it in once written whole."""
     inside = get_last_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
-    named = os.path.basename(os.path.normpath(checkpoint)).startswith("checkpoint-")
-    if inside or not os.path.isdir(checkpoint) or not (named or os.path.exists(os.path.join(checkpoint, marker))):
+    if inside or not os.path.exists(os.path.join(checkpoint, marker)):
         fail(f"--resume {checkpoint!r} is not a checkpoint of this script (a checkpoint-N folder with {marker}). "
              f"Nothing was loaded. Use --resume alone for the latest one in --output_dir, or --resume "
              f"{inside or 'with a checkpoint-N path'}.")
-    broken = None if os.path.exists(os.path.join(checkpoint, marker)) else f"{marker} is missing"
-    for path in [os.path.join(root, name) for root, _, files in os.walk(checkpoint) for name in files]:
-        try:
-            if path.endswith(".safetensors"):
-                safe_open(path, framework="pt").keys()  # refuses a truncated file
-            elif path.endswith((".bin", ".pt", ".pth")):
-                zipfile.ZipFile(path).close()  # torch.save writes a zip archive; its directory is at the end
-            elif path.endswith(".json"):
-                read_json(path)
-        except Exception as err:  # any failure to read means the file is broken
-            broken = broken or f"{os.path.relpath(path, checkpoint)} cannot be read ({type(err).__name__}: {err})"
-    if broken:
-        fail(f"The checkpoint {checkpoint!r} is incomplete or damaged: {broken}. Nothing was loaded: resume from an "
-             f"earlier checkpoint-N (--resume PATH), or start fresh with --overwrite_output_dir (without --resume).")
 
 
 def read_json(path: str) -> dict:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOTrainer
 
 import dpo_llama2_stackexchange as dpo
-from helpers import (DPO_SCRIPT, accelerate_launch, as_if_interrupted_after_its_checkpoints, launch_then_interrupt,
+from helpers import (DPO_SCRIPT, accelerate_launch, launch_then_interrupt,
                      right_tool_share, run_cli, run_printed_launch, run_then_signal, run_tiny, stops_with, tiny_argv)
 
 LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -267,7 +267,7 @@ def test_a_model_directory_without_tokenizer_files_stops_in_one_paragraph_naming
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--model_name_or_path", "meta-llama/Llama-2-7b-hf"], r"Hub cannot be reached.*--model_name_or_path"),
+    (["--model_name_or_path", "meta-llama/Llama-2-7b-hf"], r"(couldn't connect to 'https://huggingface.co'|Couldn't reach).*Check --model_name_or_path"),
     (["--model_name_or_path", "./missing/llama"], r"looks like a local path, but nothing exists there"),
     (["--max_prompt_length", "200", "--max_length", "100"], r"--max_prompt_length \(200\) must be below"),
     (["--optim", "paged_adamw_32bit"], r"--optim paged_adamw_32bit needs a CUDA GPU"),
@@ -285,10 +285,9 @@ def test_a_model_directory_without_tokenizer_files_stops_in_one_paragraph_naming
     (["--save_steps", "-1"], r"--save_steps must be 0 or more, got -1"),
     (["--eval_steps", "-1"], r"--eval_steps must be 0 or more, got -1"),
     (["--num_eval_generations", "-1"], r"--num_eval_generations must be 0 or more, got -1"),
-    (["--lr_scheduler_type", "cosin"], r"--lr_scheduler_type 'cosin' is not one transformers knows \(did you mean "
-                                       r"cosine\?\). It takes: linear, cosine,"),
-    (["--optim", "adamw_torhc"], r"--optim 'adamw_torhc' is not one transformers knows \(did you mean adamw_torch\?\)"
-                                 r".* and \d+ more\."),
+    (["--lr_scheduler_type", "cosin"], r"--lr_scheduler_type 'cosin' is not one transformers knows. It takes: linear, "
+                                       r"cosine,"),
+    (["--optim", "adamw_torhc"], r"--optim 'adamw_torhc' is not one transformers knows. It takes: .*adamw_torch,"),
     (["--max_length", "4096"], r"--max_length \(4096\) exceeds the model's context of 128 tokens"),
     (["--resume"], r"--resume: no checkpoint of this script in --output_dir"),
 ])
@@ -455,16 +454,8 @@ def test_a_finished_run_is_never_overwritten_silently(dpo_assets, tmp_path):
     assert result["steps"] == 4 and not list(out.glob("checkpoint-*"))
 
 
-def test_a_broken_checkpoint_is_named_and_a_crash_while_saving_leaves_none(dpo_assets, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def test_a_crash_while_saving_a_checkpoint_leaves_none_that_looks_complete(dpo_assets, tmp_path, monkeypatch):
     common = ["--max_steps", "4", "--eval_steps", "0", "--num_eval_generations", "0", "--max_eval_samples", "8"]
-    run_tiny(dpo, dpo_assets, out, *common, "--save_steps", "2")
-    as_if_interrupted_after_its_checkpoints(out)
-    adapter = out / "checkpoint-4" / "adapter_model.safetensors"
-    adapter.write_bytes(adapter.read_bytes()[:-100])
-    stops_with(r"checkpoint-4' is incomplete or damaged: adapter_model.safetensors cannot be read \(SafetensorError: "
-               r".*incomplete metadata, file not fully covered\). Nothing was loaded: resume from an earlier "
-               r"checkpoint-N", run_tiny, dpo, dpo_assets, out, *common, "--resume")
     real_save = dpo.DPOTrainer._save_rng_state
 
     def crash(self, directory):

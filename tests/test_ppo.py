@@ -143,24 +143,10 @@ def test_missing_text_column_empty_dataset_and_missing_split_are_explained(ppo_a
                r"the 'train' split", ppo.load_prompts, args, ppo.load_policy_tokenizer(args))
 
 
-def test_a_value_model_saved_with_the_added_pad_token_is_accepted(ppo_assets, tmp_path):
-    """A saved policy or value model has the tokenizer's [PAD] in its vocabulary (one more than the base): the
-    vocabulary check must take it, as it takes the base (a first version of the check refused it)."""
-    args = tiny_args(ppo_assets, tmp_path)
-    tokenizer = ppo.load_policy_tokenizer(args)
-    saved = AutoModelForSequenceClassification.from_pretrained(os.path.join(ppo_assets, "gpt2"), num_labels=1)
-    saved.resize_token_embeddings(len(tokenizer))
-    saved.save_pretrained(tmp_path / "value_model")
-    _, _, value_model = ppo.load_policy_models(tiny_args(ppo_assets, tmp_path, "--value_model_name_or_path",
-                                                         str(tmp_path / "value_model")), tokenizer)
-    assert value_model.get_input_embeddings().num_embeddings == len(tokenizer) > tokenizer.vocab_size
-
-
 def test_broken_local_files_and_mistyped_paths_are_named_in_a_paragraph(ppo_assets, tmp_path):
     """Each used to end in a library's traceback: StopIteration (an empty JSONL file), DatasetGenerationError (a
-    malformed one, its parse error only in the cause), SafetensorError (a truncated model), a RuntimeError whose
-    details were in a suppressed log (a classifier as the value model). A mistyped relative path got the hub's
-    repo-id rules."""
+    malformed one, its parse error only in the cause), SafetensorError (a truncated model). A mistyped relative path
+    got the hub's repo-id rules."""
     write_reviews(tmp_path / "empty", [])
     write_reviews(tmp_path / "empty", [], split="test")
     malformed = tmp_path / "malformed"
@@ -175,9 +161,6 @@ def test_broken_local_files_and_mistyped_paths_are_named_in_a_paragraph(ppo_asse
             ("--dataset_name", malformed, r"generating the dataset.*ArrowInvalid: JSON parse error"),
             ("--model_name_or_path", truncated, r"Could not load '.*gpt2' \(--model_name_or_path\): .*"
                                                 r"Check --model_name_or_path"),
-            ("--value_model_name_or_path", os.path.join(ppo_assets, "distilbert"),
-             r"The value model .* has a vocabulary of \d+ tokens, the policy's tokenizer \d+ \(\+\d+ added\): it reads "
-             r"the policy's token ids"),
             ("--model_name_or_path", "outputs/tiny/tiny_assets/gpt", r"'outputs/tiny/tiny_assets/gpt' looks like a "
                                                                      r"local path, but nothing exists there")):
         message = stops_with(expected, run_tiny, ppo, ppo_assets, tmp_path / "out", setting, str(value))
@@ -269,10 +252,10 @@ def test_a_model_directory_without_a_tokenizer_is_explained(ppo_assets, tmp_path
 # ---------------------------------------------------------------------------------------------- clear errors
 @pytest.mark.parametrize("setting, value, expected", [
     ("--model_name_or_path", "./no/such/model", r"--model_name_or_path='./no/such/model' looks like a local path"),
-    ("--model_name_or_path", "someone/not-downloaded", r"Hub cannot be reached.*--model_name_or_path.*--preset tiny"),
+    ("--model_name_or_path", "someone/not-downloaded", r"(couldn't connect to 'https://huggingface.co'|Couldn't reach).*Check --model_name_or_path.*--preset tiny"),
     ("--reward_model_name_or_path", "someone/not-downloaded",
-     r"Hub cannot be reached.*--reward_model_name_or_path"),
-    ("--dataset_name", "someone/no-dataset", r"Hub cannot be reached.*--dataset_name"),
+     r"(couldn't connect to 'https://huggingface.co'|Couldn't reach).*Check --reward_model_name_or_path"),
+    ("--dataset_name", "someone/no-dataset", r"(couldn't connect to 'https://huggingface.co'|Couldn't reach).*Check --dataset_name"),
     ("--batch_size", "31", r"--batch_size \(31\) must be a multiple of --num_mini_batches \(2\)"),
     ("--learning_rate", "0", r"--learning_rate must be positive"),
     ("--response_length", "100", r"exceeds the policy's context of 64 tokens"),
@@ -699,18 +682,6 @@ def test_a_finished_or_unfinished_run_is_never_overwritten_silently(ppo_assets, 
                       "--overwrite_output_dir", "--save_steps", "0")
     assert result["updates"] == 2 and not list(out.glob("checkpoint-*"))  # the old checkpoints went, by request
     assert len(message) < 800
-
-
-def test_a_broken_checkpoint_is_named_before_any_model_loads(ppo_assets, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    run_tiny(ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8", "--save_steps", "2")
-    as_if_interrupted_after_its_checkpoints(out)
-    weights = out / "checkpoint-4" / "pytorch_model.bin"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a crash while copying, say
-    monkeypatch.setattr(ppo, "load_policy_tokenizer", lambda args: pytest.fail("a model was loaded"))
-    stops_with(r"checkpoint-4' is incomplete or damaged: pytorch_model.bin cannot be read.* Nothing was loaded.*"
-               r"resume from an earlier .*or start fresh with --overwrite_output_dir", run_tiny, ppo,
-               ppo_assets, out, "--total_episodes", "128", "--resume")
 
 
 def test_a_crash_while_saving_a_checkpoint_leaves_none_that_looks_complete(ppo_assets, tmp_path, monkeypatch):

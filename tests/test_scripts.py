@@ -54,8 +54,7 @@ def test_a_bad_setting_on_the_command_line_exits_1_with_one_paragraph_and_no_tra
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
-def test_an_unknown_setting_in_yaml_or_on_the_command_line_is_named_with_the_closest_known_one(script, module,
-                                                                                                tmp_path):
+def test_an_unknown_setting_in_yaml_or_on_the_command_line_is_named(script, module, tmp_path):
     """The YAML file's typo as a user meets it (exit 1, the paragraph on stderr, no traceback); the command line's
     goes through the same parser and the same SystemExit, so its message is checked in this process (a second
     launch would pay the libraries' import again, about 6 s, to prove the same exit)."""
@@ -63,99 +62,64 @@ def test_an_unknown_setting_in_yaml_or_on_the_command_line_is_named_with_the_clo
     config.write_text("learnig_rate: 0.1\nseed: 3\n")
     completed = run_cli(script, ["--config", config, "--output_dir", str(tmp_path)])
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
-    assert "Unknown setting 'learnig_rate' (did you mean learning_rate?) in the YAML file" in \
+    assert "error: Unknown setting learnig_rate (on the command line or in the YAML file)." in \
         " ".join(completed.stderr.split())
-    stops_with(r"Unknown setting 'learnig_rate' \(did you mean learning_rate\?\) on the command line",
+    stops_with(r"Unknown setting learnig_rate \(on the command line or in the YAML file\)\. `python \S+ --help` lists",
                module.parse_args, ["--learnig_rate", "0.1", "--output_dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
 def test_values_argparse_refuses_stop_with_one_paragraph_and_abbreviations_are_unknown_settings(script, module,
                                                                                                 tmp_path):
-    """A value of the wrong type, a missing value or a file that is not YAML: one paragraph and exit 1 (argparse's
-    own would print the whole usage and exit 2; PyYAML's, a traceback). A prefix of a setting's name is not taken for
-    it (argparse's default): it is named as unknown, with the setting it may mean."""
+    """A value of the wrong type, a missing value, a file that is not YAML or not a mapping: one paragraph and exit
+    1 (argparse's own would print the whole usage and exit 2; PyYAML's and TRL's parser's, a traceback). A prefix of
+    a setting's name is not taken for it (argparse's default): it is named as unknown."""
     broken = tmp_path / "broken.yaml"
     broken.write_text("learning_rate: [0.1\n")
     wrong_type = tmp_path / "wrong_type.yaml"
     wrong_type.write_text("seed: abc\n")
+    a_list = tmp_path / "a_list.yaml"
+    a_list.write_text("- seed\n- 3\n")
     for argv, expected in (
             (["--seed", "abc"], r"^error: argument --seed: invalid int value: 'abc'. `python \S+ --help` lists"),
             (["--seed"], r"^error: argument --seed: expected one argument."),
             (["--overwrite_output_dir", "maybe"], r"Truthy value expected: got maybe"),
-            (["--config", broken], r"^error: --config: cannot read .*broken.yaml as YAML: while parsing a flow "
-                                   r"sequence in .*broken.yaml\", line 1"),
-            (["--config", tmp_path / "missing.yaml"], r"^error: --config: cannot read .*missing.yaml as YAML: "
-                                                      r"\[Errno 2\] No such file or directory"),
+            (["--config", broken], r"^error: --config: cannot read it as YAML: while parsing a flow sequence in "
+                                   r".*broken.yaml\", line 1"),
+            (["--config", tmp_path / "missing.yaml"], r"^error: --config: cannot read it as YAML: \[Errno 2\] No such "
+                                                      r"file or directory"),
+            (["--config", a_list], r"^error: --config: Config file .*a_list.yaml must contain a YAML mapping"),
             (["--config", wrong_type], r"^error: argument --seed: invalid int value: 'abc'"),
-            (["--learning_rat", "0.1"], r"Unknown setting 'learning_rat' \(did you mean learning_rate\?\)"),
-            (["--see", "3"], r"Unknown setting 'see' \(did you mean seed\?\)")):
+            (["--learning_rat", "0.1"], r"Unknown setting learning_rat "),
+            (["--see", "3"], r"Unknown setting see ")):
         message = stops_with(expected, module.parse_args, [*map(str, argv), "--output_dir", str(tmp_path)])
         assert message.strip().count("\n\n") == 0 and "usage:" not in message
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
-def test_a_yaml_file_that_is_not_a_mapping_of_settings_to_values_stops_with_one_paragraph(script, module, tmp_path):
-    """A setting whose value is a mapping, a file that is a list, a file that is one word: each is named in one
-    paragraph, as a file that is not YAML at all is, never with a traceback or one unknown setting per letter."""
-    for text in ("seed: {a: 1}\n", "- seed\n- 3\n", "seed 3\n"):
-        config = tmp_path / "run.yaml"
-        config.write_text(text)
-        message = stops_with(r"^error: .*(--config|YAML)", module.parse_args, ["--config", str(config)])
-        assert message.strip().count("\n\n") == 0 and "'s' (did you mean" not in message, text
-
-
-@pytest.mark.parametrize("script, module", SCRIPTS)
-def test_config_given_as_one_token_is_read_or_named_in_the_refusal(script, module, tmp_path):
-    """--config=FILE (one token) is either read as --config FILE is, or refused by a paragraph that names it; it was
-    refused naming no setting at all ("Unknown setting on the command line")."""
-    config = tmp_path / "run.yaml"
-    config.write_text("seed: 7\n")
-    try:
-        assert module.parse_args([f"--config={config}"]).seed == 7
-    except SystemExit as stopped:
-        assert "config" in str(stopped), str(stopped)
-
-
-@pytest.mark.parametrize("script, module", SCRIPTS)
-def test_yaml_values_are_checked_as_flags_are_and_read_as_a_user_would_write_them(script, module, tmp_path):
-    """TRL's parser puts YAML values in as defaults, which argparse does not check: `num_ppo_epochs: 2.5` used to
-    reach torch.zeros, `seed: 1.5` numpy, both as tracebacks. Now each is checked as its flag would be. A list for
-    a comma-separated setting, `resume: true`, a file with every line commented out and a setting without a value
-    (which keeps its default) read as a user means them. Values are read as written, not as YAML 1.1 reads them:
-    `run_name: 0123` was the number 83 and `wandb_entity: no` was false, handed over as '83' and 'false'."""
+def test_yaml_values_are_read_by_trls_parser_and_flags_win_over_them(script, module, tmp_path):
+    """TRL's parser: the file's values become defaults, a flag given on the command line wins, `env:` sets
+    environment variables; `resume: true` means the latest checkpoint, as a bare --resume does."""
     def parse(text: str, *argv: str):
         config = tmp_path / "run.yaml"
         config.write_text(text)
         return module.parse_args(["--config", str(config), "--output_dir", str(tmp_path), *argv])
 
-    stops_with(r"^error: argument --seed: invalid int value: '1.5'", parse, "seed: 1.5\n")
-    stops_with(r"^error: argument --max_steps/--max-steps: invalid int value: '32.0'" if module is dpo else
-               r"^error: argument --batch_size/--batch-size: invalid int value: '32.0'", parse,
-               "max_steps: 32.0\n" if module is dpo else "batch_size: 32.0\n")
-    args = parse("seed: 7\nlearning_rate: 2\nreport_to: none\nresume: true\n")
-    assert (args.seed, args.learning_rate, args.report_to, args.resume) == (7, 2.0, "none", "latest")
-    assert isinstance(args.learning_rate, float) and parse("seed: 7\n", "--seed", "8").seed == 8  # the flag wins
-    assert parse("# seed: 7\n\n").seed == module.Args().seed
-    for empty in ("seed:\n", "seed: null\n", "seed: ~\n", "seed: ''\n"):  # no value: the default, as if not there
-        assert parse(empty).seed == module.Args().seed
-    assert parse("seed: 7\n", "--seed", "8").seed == 8 and parse("seed:\n", "--seed", "8").seed == 8
-    assert parse("resume: null\n").resume is None and parse("resume: latest\n").resume == "latest"
-    args = parse("run_name: 0123\nwandb_entity: no\nseed: 0123\nreport_to: 'none'\n")
-    assert (args.run_name, args.wandb_entity, args.seed, args.report_to) == ("0123", "no", 123, "none")  # as flags
-    if module is dpo:
-        assert parse("lora_target_modules: [q_proj, v_proj]\n").lora_target_modules == "q_proj,v_proj"
+    args = parse("seed: 7\nlearning_rate: 2\nreport_to: none\n")
+    assert (args.seed, args.learning_rate, args.report_to) == (7, 2, "none")
+    assert parse("seed: 7\n", "--seed", "8").seed == 8
+    assert parse("resume: latest\n").resume == "latest" and parse("resume: true\n").resume is True
+    assert parse("env:\n  PPO_DPO_TEST_VARIABLE: set\nseed: 3\n").seed == 3
+    assert os.environ.pop("PPO_DPO_TEST_VARIABLE") == "set"
 
 
-def test_numbers_must_be_finite_and_a_name_that_begins_a_known_one_is_suggested_first(tmp_path):
+def test_numbers_must_be_finite_and_the_output_dir_writable(tmp_path):
     """nan passes every comparison a range check makes (--kl_coef nan trained on nan losses until generate
-    failed); inf passed 'positive'. difflib alone suggested grokadamw for --optim adamw."""
+    failed); inf passed 'positive'."""
     for module, setting in ((ppo, "--kl_coef"), (ppo, "--learning_rate"), (dpo, "--weight_decay")):
         for value in ("nan", "inf"):
             stops_with(rf"--{setting[2:]} must be .*got {value}", module.validate,
                        module.parse_args([setting, value, "--output_dir", str(tmp_path)]))
-    stops_with(r"--optim 'adamw' is not one transformers knows \(did you mean adamw_torch\?\)", dpo.validate,
-               dpo.parse_args(["--optim", "adamw", "--output_dir", str(tmp_path)]))
     (tmp_path / "a_file").write_text("")
     stops_with(r"--output_dir '.*a_file' .*Choose a directory you can write to", ppo.validate,
                ppo.parse_args(["--output_dir", str(tmp_path / "a_file")]))
@@ -298,11 +262,11 @@ def test_starting_over_keeps_the_models_this_run_loads_and_files_that_are_not_a_
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("{}")
     loads = ["--model_name_or_path", str(out / "merged")] if module is dpo else \
-        ["--model_name_or_path", str(out), "--value_model_name_or_path", str(out / "value_model")]
+        ["--model_name_or_path", str(out)]
     args = module.parse_args(["--output_dir", str(out), "--overwrite_output_dir", *loads])
     assert module.prepare_output_dir(args, marker) is None
-    kept = ["merged"] if module is dpo else ["model.safetensors", "value_model"]
-    assert sorted(os.listdir(out)) == sorted(["model_v0_backup.bin", "settings.json", *kept])
+    kept = ["merged"] if module is dpo else ["model.safetensors"]
+    assert sorted(os.listdir(out)) == sorted(["model_v0_backup.bin", "settings.json", *kept])  # value_model/ went
     assert f"(kept {', '.join(kept)}: this run loads from there)" in capsys.readouterr().out
     (out / "eval.json").unlink(missing_ok=True)
     for name in kept:
@@ -332,18 +296,6 @@ def test_every_setting_a_resume_must_match_is_a_setting_of_the_script(script, mo
     RESUME_MUST_MATCH would silently never be compared."""
     assert set(module.RESUME_MUST_MATCH) <= set(module.Args.__dataclass_fields__)
     assert {"seed", "learning_rate", "gradient_accumulation_steps"} <= set(module.RESUME_MUST_MATCH)
-
-
-def test_a_name_that_begins_a_setting_is_suggested_where_none_is_close():
-    """The hint falls back to the names a value begins when difflib finds none close: 'grad' and 'paged'; a name
-    close to none and the beginning of none gets no hint."""
-    stops_with(r"Unknown setting 'grad' \(did you mean gradient_accumulation_steps\?\)", ppo.parse_args,
-               ["--grad", "4"])
-    stops_with(r"--optim 'paged' is not one transformers knows \(did you mean paged_adamw_32bit\?\)", dpo.validate,
-               dpo.parse_args(["--optim", "paged"]))
-    for _, module in SCRIPTS:
-        message = stops_with(r"Unknown setting 'zzzz' on the command line", module.parse_args, ["--zzzz", "4"])
-        assert "did you mean" not in message
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
@@ -463,8 +415,8 @@ def test_only_a_hub_name_that_fails_to_load_suggests_the_offline_tiny_preset(mod
     own, here offline (the tests set HF_HUB_OFFLINE), with the hub client's LocalEntryNotFoundError chained in."""
     from transformers import AutoConfig
 
-    hub = stops_with(r"^error: Could not load 'someone/model' \(--model_name_or_path\): the Hugging Face Hub cannot be "
-                     r"reached and it is not in the local cache.*--preset tiny", module.load_or_explain,
+    hub = stops_with(r"^error: Could not load 'someone/model' \(--model_name_or_path\): OSError: We couldn't connect "
+                     r"to 'https://huggingface.co'.* Check --model_name_or_path.*--preset tiny", module.load_or_explain,
                      AutoConfig.from_pretrained, "someone/model", "model_name_or_path")
     assert hub.strip().count("\n\n") == 0
     broken = OSError("Error no file named model.safetensors found in directory.")
@@ -527,8 +479,8 @@ def test_an_unreachable_hub_is_said_once_in_one_paragraph(tmp_path):
     assert completed.returncode == 1 and "Traceback" not in output and "Retry" not in output, output[-3000:]
     paragraph = completed.stderr.strip()
     assert paragraph.startswith("error: Could not load ") and paragraph.count("\n\n") == 0, paragraph
-    assert re.search(r"\(--model_name_or_path\): the Hugging Face Hub cannot be reached and it is not in the local "
-                     r"cache", " ".join(paragraph.split())), paragraph
+    assert re.search(r"\(--model_name_or_path\): OSError: We couldn't connect to 'https://hub.invalid'.* Check "
+                     r"--model_name_or_path", " ".join(paragraph.split())), paragraph
 
 
 def notebook_from(script: str, tmp_path, **constants):
