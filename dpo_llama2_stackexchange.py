@@ -654,8 +654,8 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
 
 
 def error_summary(err: BaseException) -> str:  # with its cause's: a broken file's own message is often there
-    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()).rstrip(":.") for e in (err, err.__cause__) if e]
-    return " <- ".join(lines)
+    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()) for e in (err, err.__cause__) if e]
+    return " <- ".join(line.rstrip(":.") for line in lines)
 
 
 def load_checked_tokenizer(name: str, setting: str, **kwargs):

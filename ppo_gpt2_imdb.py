@@ -389,6 +389,7 @@ def report(reference: dict, trained: dict, args: Args):
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
+from accelerate.utils import patch_environment
 from transformers import DataCollatorWithPadding, StaticCache, TrainerCallback
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo import ppo_trainer as trl_ppo_module
@@ -442,14 +443,9 @@ class SentimentPPOTrainer(PPOTrainer):
     a GPU static-cache rollouts and compiled PPO epochs under bf16 autocast."""
 
     def __init__(self, *args, settings: Args, checkpoint: Optional[str], stop: "StopRequest", **kwargs):
-        previous = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        if settings.bf16_autocast and on_gpu(settings) and torch.cuda.is_bf16_supported():
-            os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
-        try:
+        bf16 = settings.bf16_autocast and on_gpu(settings) and torch.cuda.is_bf16_supported()
+        with patch_environment(ACCELERATE_MIXED_PRECISION="bf16") if bf16 else nullcontext():  # for this trainer only
             super().__init__(*args, **kwargs)
-        finally:  # for this trainer only: a later run in the same process (a notebook) starts from the user's setting
-            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
-            os.environ.update({"ACCELERATE_MIXED_PRECISION": previous} if previous is not None else {})
         self.settings, self.gpu_layout = settings, on_gpu(settings)  # static cache and compilation need a GPU
         if settings.sample_every > 0:
             self.sample_generations_freq = settings.sample_every  # TRL spreads a fixed count; we want every N
@@ -813,8 +809,8 @@ def explain_load_error(err: Exception, name: str, setting: str, related: Optiona
 
 
 def error_summary(err: BaseException) -> str:  # with its cause's: a broken file's own message is often there
-    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()).rstrip(":.") for e in (err, err.__cause__) if e]
-    return " <- ".join(lines)
+    lines = [" ".join(f"{type(e).__name__}: {e}".split("\n")[0].split()) for e in (err, err.__cause__) if e]
+    return " <- ".join(line.rstrip(":.") for line in lines)
 
 
 def load_checked_tokenizer(name: str, setting: str, **kwargs):

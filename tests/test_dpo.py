@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOTrainer
 
 import dpo_llama2_stackexchange as dpo
+from test_ppo import HUB
 from helpers import (DPO_SCRIPT, accelerate_launch, launch_then_interrupt,
                      right_tool_share, run_cli, run_printed_launch, run_then_signal, run_tiny, stops_with, tiny_argv)
 
@@ -267,7 +268,7 @@ def test_a_model_directory_without_tokenizer_files_stops_in_one_paragraph_naming
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--model_name_or_path", "meta-llama/Llama-2-7b-hf"], r"(couldn't connect to 'https://huggingface.co'|Couldn't reach).*Check --model_name_or_path"),
+    (["--model_name_or_path", "meta-llama/Llama-2-7b-hf"], HUB + r".*Check --model_name_or_path"),
     (["--model_name_or_path", "./missing/llama"], r"looks like a local path, but nothing exists there"),
     (["--max_prompt_length", "200", "--max_length", "100"], r"--max_prompt_length \(200\) must be below"),
     (["--optim", "paged_adamw_32bit"], r"--optim paged_adamw_32bit needs a CUDA GPU"),
@@ -564,8 +565,8 @@ def test_two_processes_match_one_process_step_by_step_and_resume_after_ctrl_c_on
     assert abs(double["trained"]["accuracy"] - single["trained"]["accuracy"]) <= 0.02
 
     stopped = tmp_path / "stopped"
-    code, output = launch_then_interrupt(DPO_SCRIPT, tiny_argv(dpo_assets, stopped, *common,
-                                                               "--per_device_train_batch_size", "8"), after=r" [5-9]/20 \[")
+    argv = tiny_argv(dpo_assets, stopped, *common, "--per_device_train_batch_size", "8")
+    code, output = launch_then_interrupt(DPO_SCRIPT, argv, after=r" [5-9]/20 \[")
     assert code != 0 and output.count("SIGINT: finishing the current step") == 1, output[-3000:]
     assert output.count("Resume with:") == 1 and "it ran on 2 processes" in output
     command = output.split("Resume with:\n", 1)[1].splitlines()[0].strip()
