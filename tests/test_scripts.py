@@ -109,6 +109,10 @@ def test_yaml_values_are_read_by_trls_parser_and_flags_win_over_them(script, mod
     assert (args.seed, args.learning_rate, args.report_to) == (7, 2, "none")
     assert parse("seed: 7\n", "--seed", "8").seed == 8
     assert parse("resume: latest\n").resume == "latest" and parse("resume: true\n").resume is True
+    marker = "counters.json" if module is ppo else "trainer_state.json"
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / marker).write_text("{}")
+    assert module.prepare_output_dir(parse("resume: true\n"), marker) == str(tmp_path / "checkpoint-2")
     assert parse("env:\n  PPO_DPO_TEST_VARIABLE: set\nseed: 3\n").seed == 3
     assert os.environ.pop("PPO_DPO_TEST_VARIABLE") == "set"
 
