@@ -490,9 +490,9 @@ def validate(args: Args):
         fail(f"--lora_target_modules names no module (got {args.lora_target_modules!r}): give the comma-separated "
              f"names of the linear layers LoRA adapts, such as {Args.lora_target_modules}.")
     for name, known in (("lr_scheduler_type", SchedulerType), ("optim", OptimizerNames)):
-        if getattr(args, name) not in [choice.value for choice in known]:
-            fail(f"--{name} {getattr(args, name)!r} is not one transformers knows. It takes: "
-                 f"{', '.join(choice.value for choice in known)}.")
+        choices = [choice.value for choice in known]
+        if getattr(args, name) not in choices:
+            fail(f"--{name} {getattr(args, name)!r} is not one transformers knows. It takes: {', '.join(choices)}.")
     if args.max_prompt_length >= args.max_length:
         fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}): "
              f"the answer needs room.")
@@ -583,6 +583,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     """`Args` from flags, which win over a --config YAML file (TRL's parser), which wins over a preset, which wins over
     the constants in `Args`. In a notebook the command line is the kernel's own: the constants as edited are used."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
+    argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")

@@ -738,6 +738,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     """`Args` from flags, which win over a --config YAML file (TRL's parser), which wins over a preset, which wins over
     the constants in `Args`. In a notebook the command line is the kernel's own: the constants as edited are used."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
+    argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
     for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
         if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")

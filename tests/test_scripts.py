@@ -97,6 +97,15 @@ def test_values_argparse_refuses_stop_with_one_paragraph_and_abbreviations_are_u
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
+def test_config_given_as_one_token_is_read_as_two_are(script, module, tmp_path):
+    """--config=FILE (one token): TRL's parser looks for --config alone, and argparse took the rest as a value it
+    then could not hand over ("too many values to unpack")."""
+    config = tmp_path / "run.yaml"
+    config.write_text("seed: 7\n")
+    assert module.parse_args([f"--config={config}"]).seed == 7
+
+
+@pytest.mark.parametrize("script, module", SCRIPTS)
 def test_yaml_values_are_read_by_trls_parser_and_flags_win_over_them(script, module, tmp_path):
     """TRL's parser: the file's values become defaults, a flag given on the command line wins, `env:` sets
     environment variables; `resume: true` means the latest checkpoint, as a bare --resume does."""
