@@ -14,6 +14,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PPO_SCRIPT, DPO_SCRIPT = "ppo_gpt2_imdb.py", "dpo_llama2_stackexchange.py"
+HUB = r"(couldn't connect to 'https://huggingface.co'|Couldn't reach)"  # transformers' and datasets' words, offline
 
 
 def tiny_argv(assets: str, output_dir, *extra) -> list:

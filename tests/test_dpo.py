@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOTrainer
 
 import dpo_llama2_stackexchange as dpo
-from test_ppo import HUB
-from helpers import (DPO_SCRIPT, accelerate_launch, launch_then_interrupt,
+from helpers import (HUB, DPO_SCRIPT, accelerate_launch, launch_then_interrupt,
                      right_tool_share, run_cli, run_printed_launch, run_then_signal, run_tiny, stops_with, tiny_argv)
 
 LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

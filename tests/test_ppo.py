@@ -12,11 +12,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import ppo_gpt2_imdb as ppo
-from helpers import (PPO_SCRIPT, REPO, accelerate_launch, as_if_interrupted_after_its_checkpoints, free_port,
+from helpers import (HUB, PPO_SCRIPT, REPO, accelerate_launch, as_if_interrupted_after_its_checkpoints, free_port,
                      launch_then_interrupt, run_cli, run_printed_launch, run_then_signal, run_tiny, sentiment_words,
                      stops_with, tiny_argv)
-
-HUB = r"(couldn't connect to 'https://huggingface.co'|Couldn't reach)"  # transformers' and datasets' words, offline
 
 
 def tiny_args(assets, tmp_path, *extra):
