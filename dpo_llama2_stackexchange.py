@@ -3,27 +3,18 @@ preferred answer (response_j) and a less preferred one (response_k). The referen
 adapters off, so only one copy of the 7B weights is ever in memory.
 
     python dpo_llama2_stackexchange.py --preset tiny --output_dir outputs/dpo_tiny   # offline, CPU, ~1 minute
-    python dpo_llama2_stackexchange.py --beta 0.2 --config my.yaml                   # the real run (GPU, HF token)
+    python dpo_llama2_stackexchange.py --beta 0.2                                    # the real run (GPU, HF token)
 
-The constants in `Args` are the interface: edit them, or override any with `--name value` or a YAML file. The file
-is also a notebook (`# %%` cells): "Run all" trains with them as edited. The recipe reads down to the first appendix.
+The constants in `Args` are the interface: edit them, or override any with `--name value`. The file is also a
+notebook (`# %%` cells): "Run all" trains with them as edited. The recipe reads down to the first appendix.
 """
 
 # %% Imports (each appendix imports what only it needs)
+import gc
+import logging
 import os
 import signal
 import sys
-
-if __name__ == "__main__" and "ipykernel" not in sys.modules:  # Ctrl-C while the libraries load: no traceback
-    def stopped_while_loading(signum, frame):
-        if os.environ.get("RANK", "0") == "0":  # of several processes, the main one alone speaks
-            print("\nSIGINT: stopped at once. Nothing was trained yet.", file=sys.stderr)
-        raise SystemExit(130)  # as after training begins (Appendix C)
-
-    signal.signal(signal.SIGINT, stopped_while_loading)
-
-import gc
-import logging
 import time
 import warnings
 from collections import Counter
@@ -48,8 +39,7 @@ transformers_logging.disable_progress_bar()  # weight-loading bars (training's o
 SCRIPT = "dpo_llama2_stackexchange.py"
 
 
-def arg(default, help):
-    """A dataclass field whose help text shows in `--help`."""
+def arg(default, help):  # a dataclass field whose help text shows in `--help`
     return field(default=default, metadata={"help": help})
 
 
@@ -109,8 +99,6 @@ class Args:
     overwrite_output_dir: bool = arg(False, "start over in an output dir that holds a finished or unfinished run "
                                      "(its eval.json, saved models and checkpoints are deleted)")
     merge_full_model: bool = arg(False, "also save the base with the adapter merged in (reloads the base unquantised)")
-    push_to_hub: bool = arg(False, "push the adapter and tokenizer to the hub")
-    hub_model_id: Optional[str] = arg(None, "hub repo for push_to_hub; None: the output dir's name")
 
     # System and speed
     device: Literal["auto", "cuda", "cpu"] = arg("auto", "auto: CUDA when present")
@@ -119,7 +107,7 @@ class Args:
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny model and data are built")
 
 
-# A preset changes only defaults (explicit flags and YAML win) and prints what it changed. "{tiny}" stands for the
+# A preset changes only defaults (explicit flags win) and prints what it changed. "{tiny}" stands for the
 # directory the tiny assets are built in.
 PRESETS = {
     "tiny": dict(model_name_or_path="{tiny}/llama", dataset_name="{tiny}/stack-exchange-paired", max_eval_samples=64,
@@ -269,7 +257,6 @@ def main(args: Args) -> dict:
         with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
             train_pairs = load_pairs(args, tokenizer, args.train_data_dir, args.max_train_samples, "train_data_dir")
             eval_pairs = load_pairs(args, tokenizer, args.eval_data_dir, args.max_eval_samples, "eval_data_dir")
-        check_enough_pairs(args, len(train_pairs))
 
         # 2. Model: the 4-bit base; the trainer adds the LoRA adapters of lora_config
         model = load_model(args)
@@ -296,7 +283,7 @@ def main(args: Args) -> dict:
             base_result, base_logratios = evaluate(trainer.model, tokenizer, eval_pairs, args)
         trained_result, _ = evaluate(trainer.model, tokenizer, eval_pairs, args, base_logratios)
 
-        # 6. Report: eval.json, the table, the tracker's summary; then the upload and the merged model if asked for
+        # 6. Report: eval.json, the table, the tracker's summary; then the merged model if asked for
         result = {"base": base_result, "trained": trained_result, "args": asdict(args),
                   "seconds": round(time.time() - started, 1), **figures}
         if PartialState().is_main_process:
@@ -304,12 +291,9 @@ def main(args: Args) -> dict:
             stop.enter("reporting")
             report(base_result, trained_result, args)
             print(f"Saved the LoRA adapter, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
-            upload_failed = push_to_hub(trainer.model, tokenizer, args) if args.push_to_hub else None
             if args.merge_full_model:
                 del trainer, model  # the 4-bit base goes before an unquantised one is loaded
                 merge_full_model(args, tokenizer)
-            if upload_failed:  # after the merge: a failed upload costs nothing else the run was asked for
-                fail(upload_failed)
     return result
 
 
@@ -505,9 +489,6 @@ def validate(args: Args):
         except Exception as err:  # a broken native library raises more than ImportError
             fail(f"--load_in_4bit needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}). "
                  f"Install a bitsandbytes build for this machine, or pass --load_in_4bit false (far more memory).")
-    if args.use_liger_kernel and on_gpu(args) and not liger_installed() and os.environ.get("RANK", "0") == "0":
-        print("note: liger-kernel is not installed; with it (`pip install liger-kernel==0.8.5`) DPO steps run faster "
-              "in less memory.")
 
 
 def check_columns(args: Args, dataset, data_dir: str):
@@ -522,17 +503,6 @@ def check_pairs_left(args: Args, data_dir: str, counts: str, kept: int):
     if kept == 0:
         fail(f"No usable pair is left in '{args.dataset_name}' ({data_dir}): kept none {counts}. Check the data's "
              f"columns ({', '.join(REQUIRED_COLUMNS)}), or raise those token limits.")
-
-
-def check_enough_pairs(args: Args, pairs: int):
-    """One optimizer step needs this many pairs; fewer would train on nothing useful without a word."""
-    processes = PartialState().num_processes
-    needed = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
-    if pairs < needed:
-        fail(f"Only {pairs} training pairs remain after filtering, fewer than one optimizer step takes "
-             f"(--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
-             f"{args.gradient_accumulation_steps} x {processes} process(es) = {needed}). Lower those, or read more "
-             f"pairs (--max_train_samples, --dataset_name).")
 
 
 def check_context_length(args: Args, config):
@@ -559,65 +529,46 @@ import errno
 import importlib.util
 import json
 import math
+import netrc
 import re
 import shlex
 import shutil
 import tempfile
 import textwrap
-from functools import partial
 
-import yaml
 from accelerate.utils import gather_object
-from huggingface_hub import get_token
 from huggingface_hub.errors import GatedRepoError
 from huggingface_hub.utils import logging as hub_logging
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_tf32_available
-from trl import TrlParser
 
 hub_logging.set_verbosity_error()  # the hub client's retry lines: a load that fails is said in one paragraph
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """`Args` from flags, which win over a --config YAML file (TRL's parser), which wins over a preset, which wins over
-    the constants in `Args`. In a notebook the command line is the kernel's own: the constants as edited are used."""
+    """`Args` from flags, which win over a preset, which wins over the constants in `Args`. In a notebook the command
+    line is the kernel's own: the constants as edited are used."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
-    argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
-    for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
-        if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            argv.insert(i + 1, "latest")
-    base = parse_with_defaults(argv, {})
+    parser = HfArgumentParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
+    parser.error = lambda message: fail(f"{message}. `python {SCRIPT} --help` lists every setting.")
+    for action in parser._actions:
+        if action.dest == "resume":  # a bare --resume means the latest checkpoint in the output dir
+            action.nargs, action.const = "?", "latest"
+        if action.option_strings[0].startswith("--no_"):  # transformers gives --no_X the help of --X
+            action.help, action.default = f"turn --{action.option_strings[0][5:]} off", argparse.SUPPRESS
+    base = Args(**vars(parser.parse_args(argv)))
     if not base.preset:
         return base
     assets = base.tiny_assets_dir or os.path.join(base.output_dir, "tiny_assets")
     preset = {name: value.replace("{tiny}", assets) if isinstance(value, str) else value
               for name, value in PRESETS[base.preset].items()}
-    args = parse_with_defaults(argv, {**preset, "tiny_assets_dir": assets})
+    parser.set_defaults(**preset, tiny_assets_dir=assets)
+    args = Args(**vars(parser.parse_args(argv)))
     changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in preset
                if getattr(args, name) != getattr(base, name)]
     if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
         print(f"preset {args.preset} changes: {', '.join(changed)}")
-    return args
-
-
-def parse_with_defaults(argv: list, defaults: dict) -> Args:
-    parser = TrlParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
-    parser.error = lambda message: fail(f"{message.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
-    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
-                        help="YAML file of settings (name: value); flags given on the command line win over it")
-    for action in parser._actions:  # transformers gives --no_X the help of --X, which says the opposite
-        if action.option_strings[0].startswith("--no_"):
-            action.help, action.default = f"turn --{action.option_strings[0][5:]} off", argparse.SUPPRESS
-    parser.set_defaults(**defaults)  # a YAML file's values replace these (as defaults: argparse checks only text)
-    try:
-        (args,) = parser.parse_args_and_config(argv)
-    except (OSError, yaml.YAMLError) as err:
-        fail(f"--config: cannot read it as YAML: {' '.join(str(err).split())}.")
-    except ValueError as err:  # an unknown setting, listed as '--name', or a YAML file that is not a mapping
-        unknown = ", ".join(re.findall(r"'--?([^']+)'", str(err)))
-        what = f"Unknown setting {unknown} (on the command line or in the YAML file)" if unknown else f"--config: {err}"
-        fail(f"{what.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     return args
 
 
@@ -642,16 +593,12 @@ def load_or_explain(load, name: str, setting: str, related: Optional[str] = None
     except (MemoryError, torch.OutOfMemoryError, AttributeError, NameError, ImportError):
         raise  # not the file's fault: memory, or code that does not fit the installed libraries
     except Exception as err:
-        fail(explain_load_error(err, name, setting, related))
-
-
-def explain_load_error(err: Exception, name: str, setting: str, related: Optional[str] = None) -> str:
-    settings = f"--{setting}" + (f" and --{related}" if related else "")
-    gated = any(isinstance(error, GatedRepoError) for error in (err, err.__cause__, err.__context__))
-    access = " It is gated: accept its license on its hub page, then log in here (`hf auth login`, or set HF_TOKEN)." \
-        if gated else ""
-    tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
-    return f"Could not load '{name}' ({settings}): {error_summary(err)}.{access} Check {settings}.{tiny}"
+        settings = f"--{setting}" + (f" and --{related}" if related else "")
+        gated = any(isinstance(error, GatedRepoError) for error in (err, err.__cause__, err.__context__))
+        access = " It is gated: accept its license on its hub page, then log in here (`hf auth login`, or set " \
+            "HF_TOKEN)." if gated else ""
+        tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
+        fail(f"Could not load '{name}' ({settings}): {error_summary(err)}.{access} Check {settings}.{tiny}")
 
 
 def error_summary(err: BaseException) -> str:  # with its cause's: a broken file's own message is often there
@@ -661,12 +608,9 @@ def error_summary(err: BaseException) -> str:  # with its cause's: a broken file
 
 def load_checked_tokenizer(name: str, setting: str, **kwargs):
     """The tokenizer saved with a model (`kwargs` such as padding_side are saved with it). From a directory without
-    tokenizer files transformers 5 builds an empty one, which maps every text to the same few ids, or fails: refused."""
-    path = os.path.expanduser(name)
-    saved = not os.path.isdir(path) or any(file.startswith(("tokenizer.", "vocab.", "spiece."))
-                                           for file in os.listdir(path))
-    tokenizer = load_or_explain(partial(AutoTokenizer.from_pretrained, **kwargs), name, setting) if saved else None
-    if tokenizer is None or not set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids):
+    tokenizer files transformers 5 fails, or builds an empty one that maps every text to the same few ids: refused."""
+    tokenizer = load_or_explain(lambda path: AutoTokenizer.from_pretrained(path, **kwargs), name, setting)
+    if not set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids):
         fail(f"'{name}' (--{setting}) holds no tokenizer (tokenizer.json, vocab files): save the model's tokenizer "
              f"there too (tokenizer.save_pretrained), or set --{setting} to a directory that has both.")
     return tokenizer
@@ -681,11 +625,6 @@ def validate_common(args):
              f"`pip install -r requirements.txt` (it pins it), or choose another --report_to.")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device auto or cpu.")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
-    why = "HF_HUB_OFFLINE is set" if offline else "there is no Hugging Face token here (`hf auth login`, or HF_TOKEN)"
-    if args.push_to_hub and (offline or get_token() is None):
-        fail(f"--push_to_hub needs the Hugging Face Hub, and {why}. Fix that, or drop --push_to_hub and upload the "
-             f"saved model after the run (`hf upload REPO OUTPUT_DIR`).")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()  # this process may write there
@@ -703,22 +642,6 @@ def check_ranges(args, positive: list, at_least_0: list = (), fractions: list = 
                 fail(f"--{name} must be {what}, got {getattr(args, name)}.")
 
 
-def push_to_hub(model, tokenizer, args) -> Optional[str]:
-    """Upload the trained model and tokenizer; if that fails, the paragraph for the run to stop with at its end."""
-    repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    try:
-        model.push_to_hub(repo)
-        tokenizer.push_to_hub(repo)
-        print(f"Pushed the trained model and tokenizer to the hub: {repo}")
-        return None
-    except Exception as err:  # what was trained is on disk either way; upload what the push would have
-        excludes = "".join(f" --exclude '{folder}/*'" for folder in ("checkpoint-*", "merged", "tiny_assets",
-                                                                     "value_model"))
-        return (f"--push_to_hub: uploading to '{repo}' failed ({error_summary(err)}). Nothing "
-                f"is lost: the trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub "
-                f"is reachable and you are logged in: `hf upload {repo} {shlex.quote(args.output_dir)}{excludes}`.")
-
-
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     """The checkpoint to resume from, or None. A finished run (eval.json or a saved model) or an unfinished one
     (checkpoints) is never overwritten silently; the settings are recorded for a resume to be checked against."""
@@ -732,28 +655,33 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
              f"was changed. Choose another --output_dir, or add --overwrite_output_dir to replace the finished model "
              f"(without --resume: start over).")
     if args.resume:
-        checkpoint = latest if args.resume in ("latest", True) else args.resume  # YAML's `resume: true` too
+        checkpoint = latest if args.resume == "latest" else args.resume
         if not checkpoint:
             fail(f"--resume: no checkpoint of this script in --output_dir {directory!r} (a checkpoint-N directory "
                  f"with {checkpoint_marker}). Give the output dir of the interrupted run, or a checkpoint path.")
-        check_checkpoint(checkpoint, checkpoint_marker)
+        inside = get_last_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None  # an output dir given
+        if inside or not os.path.exists(os.path.join(checkpoint, checkpoint_marker)):
+            fail(f"--resume {checkpoint!r} is not a checkpoint of this script (a checkpoint-N folder with "
+                 f"{checkpoint_marker}). Nothing was loaded. Use --resume alone for the latest one in --output_dir, "
+                 f"or --resume {inside or 'with a checkpoint-N path'}.")
         check_resume_settings(args, checkpoint)
     elif (finished or latest) and not args.overwrite_output_dir:
         what = finished or f"checkpoints of an unfinished run (the latest: {os.path.basename(latest)})"
         fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
              f"another --output_dir, {'' if finished else 'continue it with --resume, '}or pass "
              f"--overwrite_output_dir to start over (its eval.json, saved models and checkpoints are deleted).")
-    PartialState().wait_for_everyone()  # every process has looked before the main one deletes anything
-    if (finished or (latest and not args.resume)) and PartialState().is_main_process:
+    state = PartialState()
+    state.wait_for_everyone()  # every process has looked before the main one deletes anything
+    if (finished or (latest and not args.resume)) and state.is_main_process:
         checkpoints = [] if args.resume else [name for name in os.listdir(directory)
                                                if re.fullmatch(r"checkpoint-\d+", name)]
         for name in checkpoints:
             shutil.rmtree(os.path.join(directory, name))
         print(f"--overwrite_output_dir: deleted the earlier run's eval.json, saved models and {len(checkpoints)} "
               f"checkpoint(s){delete_finished_run(args)}" + (f"; continuing from {checkpoint}" if args.resume else ""))
-    if PartialState().is_main_process:  # the settings a resumed run is checked against
-        write_json(os.path.join(directory, "settings.json"), {**vars(args), **processes()})
-    PartialState().wait_for_everyone()
+    if state.is_main_process:  # the settings a resumed run is checked against
+        write_json(os.path.join(directory, "settings.json"), {**vars(args), "num_processes": state.num_processes})
+    state.wait_for_everyone()
     return checkpoint if args.resume else None
 
 
@@ -782,7 +710,8 @@ def delete_finished_run(args) -> str:
 def check_resume_settings(args, checkpoint: str):
     """Each of RESUME_MUST_MATCH as the run that wrote `checkpoint` had it (its output dir's settings.json)."""
     path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "settings.json")
-    saved, now = read_json(path) if os.path.exists(path) else {}, {**vars(args), **processes()}
+    saved = read_json(path) if os.path.exists(path) else {}
+    now = {**vars(args), "num_processes": PartialState().num_processes}  # each process takes its own batch
 
     def comparable(settings: dict, name: str):  # the tiny preset's paths lie in its assets dir, wherever that is
         value, assets = settings[name], settings.get("tiny_assets_dir")
@@ -794,19 +723,6 @@ def check_resume_settings(args, checkpoint: str):
         fail(f"--resume {checkpoint!r}: the run that wrote it was trained with other settings ({'; '.join(changed)}), "
              f"and a resumed run ends where that run would only with the same ones. Nothing was loaded. Set them "
              f"back, or start a new run in another --output_dir.")
-
-
-def processes() -> dict:  # as many as the launcher's --num_processes: each takes its own batch
-    return {"num_processes": PartialState().num_processes}
-
-
-def check_checkpoint(checkpoint: str, marker: str):
-    """A checkpoint-N folder of this script. Complete if it exists: save_atomically moves it in once written whole."""
-    inside = get_last_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
-    if inside or not os.path.exists(os.path.join(checkpoint, marker)):
-        fail(f"--resume {checkpoint!r} is not a checkpoint of this script (a checkpoint-N folder with {marker}). "
-             f"Nothing was loaded. Use --resume alone for the latest one in --output_dir, or --resume "
-             f"{inside or 'with a checkpoint-N path'}.")
 
 
 def read_json(path: str) -> dict:
@@ -945,8 +861,6 @@ def prepare_tracking(args):
     wandb logs offline, and one line says so, instead of asking for a login."""
     if args.report_to != "wandb":
         return
-    import netrc
-
     os.environ["WANDB_PROJECT"] = args.wandb_project  # read by transformers' wandb callback
     os.environ.update({"WANDB_ENTITY": args.wandb_entity} if args.wandb_entity else {})
     try:
@@ -1020,6 +934,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
     marker = os.path.join(directory, "READY")
     if os.path.exists(marker):
         return
+    from datasets import Dataset
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -1029,10 +944,8 @@ def build_tiny_assets(directory: str, seed: int = 0):
     torch.manual_seed(seed)
     splits = {"rl": synthetic_pairs(rng, 600, 0), "evaluation": synthetic_pairs(rng, 120, 10_000)}
     for data_dir, rows in splits.items():
-        os.makedirs(os.path.join(directory, "stack-exchange-paired", "data", data_dir), exist_ok=True)
-        with open(os.path.join(directory, "stack-exchange-paired", "data", data_dir, "train.jsonl"), "w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+        Dataset.from_list(rows).to_json(os.path.join(directory, "stack-exchange-paired", "data", data_dir,
+                                                     "train.jsonl"))
     # Pretraining text pairs each question with a random tool, so the base learns the format but not which tool
     # fits which task: that is left for DPO to learn from the preferences.
     texts = []

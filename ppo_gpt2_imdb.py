@@ -7,28 +7,19 @@ copy of the starting policy.
 
     python ppo_gpt2_imdb.py --preset tiny --output_dir outputs/tiny   # offline, about a minute on a laptop CPU
     python ppo_gpt2_imdb.py                                           # the real run (GPU, hub access)
-    python ppo_gpt2_imdb.py --learning_rate 1e-5 --config my.yaml     # any constant below, from CLI or YAML
+    python ppo_gpt2_imdb.py --learning_rate 1e-5                      # any constant below, from the command line
 
-The constants in `Args` are the interface: edit them, or override any with `--name value` or a YAML file. As a
-notebook (`# %%` cells), "Run all" trains with the constants as edited. The appendices are machinery.
+The constants in `Args` are the interface: edit them, or override any with `--name value`. As a notebook (`# %%`
+cells), "Run all" trains with the constants as edited. The appendices are machinery.
 """
 
 # %% Imports (each appendix imports what only it needs)
-import os
-import signal
-import sys
-
-if __name__ == "__main__" and "ipykernel" not in sys.modules:  # Ctrl-C while the libraries load: no traceback
-    def stopped_while_loading(signum, frame):
-        if os.environ.get("RANK", "0") == "0":  # of several processes, the main one alone speaks
-            print("\nSIGINT: stopped at once. Nothing was trained yet.", file=sys.stderr)
-        raise SystemExit(130)  # as after training begins (Appendix C)
-
-    signal.signal(signal.SIGINT, stopped_while_loading)
-
 import copy
 import logging
+import os
+import signal
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -112,21 +103,17 @@ class Args:
     overwrite_output_dir: bool = arg(False, "start over in an output dir that holds a finished or unfinished run "
                                      "(its eval.json, saved models and checkpoints are deleted)")
     save_value_model: bool = arg(True, "also save the value model (to OUTPUT_DIR/value_model)")
-    push_to_hub: bool = arg(False, "push the trained policy and tokenizer to the hub")
-    hub_model_id: Optional[str] = arg(None, "hub repo for push_to_hub; None: the output dir's name")
 
     # System and speed (the last three: the GPU layout, used on a GPU only)
     device: Literal["auto", "cuda", "cpu"] = arg("auto", "auto: CUDA when present")
     tf32: bool = arg(True, "on an Ampere or newer GPU, run fp32 matmuls on TF32 tensor cores")
-    free_memory_each_update: bool = arg(False, "let TRL run gc.collect() and empty the CUDA cache several times per "
-                                        "update: lower peak memory for big models, slower for GPT-2")
     static_cache_generation: bool = arg(True, "rollouts decode into one static KV cache, compiled")
     compile_ppo_epochs: bool = arg(True, "torch.compile (reduce-overhead: CUDA graphs) the PPO epochs' forward passes")
     bf16_autocast: bool = arg(True, "the PPO epochs' forward passes under bf16 autocast")
     tiny_assets_dir: Optional[str] = arg(None, "with --preset tiny: where the tiny models and data are built")
 
 
-# A preset changes only defaults (explicit flags and YAML win) and prints what it changed. "{tiny}" stands for the
+# A preset changes only defaults (explicit flags win) and prints what it changed. "{tiny}" stands for the
 # directory the tiny assets are built in. The tiny run is too short to earn back a GPU's compilation.
 PRESETS = {
     "tiny": dict(model_name_or_path="{tiny}/gpt2", reward_model_name_or_path="{tiny}/distilbert",
@@ -286,7 +273,7 @@ def main(args: Args) -> dict:
         reference_result = evaluate(ref_policy, ref_policy, reward, tokenizer, eval_prompts, args)
         trained_result = evaluate(trained_policy, ref_policy, reward, tokenizer, eval_prompts, args)
 
-        # 6. Report: eval.json, the table, the tracker's summary; then the upload to the hub if asked for
+        # 6. Report: eval.json, the table and the tracker's summary
         result = {"reference": reference_result, "trained": trained_result, "args": asdict(args),
                   "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 2),
                   "updates": trainer.total_updates, "updates_this_run": updates_run,
@@ -297,8 +284,6 @@ def main(args: Args) -> dict:
             stop.enter("reporting")
             report(reference_result, trained_result, args)
             print(f"Saved the policy, tokenizer and eval.json to {args.output_dir} ({result['seconds']}s)")
-            if args.push_to_hub and (upload_failed := push_to_hub(trained_policy, tokenizer, args)):
-                fail(upload_failed)
     return result
 
 
@@ -376,8 +361,8 @@ def report(reference: dict, trained: dict, args: Args):
 
 # %% Appendix A: TRL 1.12 workarounds, and the GPU layout. Every contact with a library's internals, and why:
 # - the reward model interface: TRL calls `score(backbone(policy ids))`; DistilBERT has its own tokenizer
-# - the module globals `gc` and `empty_cache` of trl.experimental.ppo.ppo_trainer, swapped while `train` runs unless
-#   --free_memory_each_update: TRL collects garbage twice and empties the CUDA cache about ten times per update
+# - the module globals `gc` and `empty_cache` of trl.experimental.ppo.ppo_trainer, swapped while `train` runs: TRL
+#   collects garbage twice and empties the CUDA cache about ten times per update, which costs GPT-2 more than it saves
 # - the trainer's `dataloader`: a resumable batch order (TRL reshuffles from the global RNG and cannot resume);
 #   `args.num_total_batches` shortened on resume; a callback saves checkpoints and stops on a signal
 # - `log`, `generate_completions`, `sample_generations_freq`: episodes per second of this run, logging every
@@ -468,10 +453,9 @@ class SentimentPPOTrainer(PPOTrainer):
             compile_ppo_epochs(self.accelerator.unwrap_model(self.model))
 
     def train(self):
-        keep = {} if self.settings.free_memory_each_update else \
-            dict(gc=SimpleNamespace(collect=lambda *args: 0), empty_cache=lambda: None)
+        keep = dict(gc=SimpleNamespace(collect=lambda *args: 0), empty_cache=lambda: None)  # no freeing: see above
         saved = {name: getattr(trl_ppo_module, name) for name in keep}
-        vars(trl_ppo_module).update(keep)  # for GPT-2 the freeing costs more than it saves
+        vars(trl_ppo_module).update(keep)
         try:
             with self.rollout_generation():
                 return super().train()
@@ -575,12 +559,11 @@ def save_outputs(trainer, tokenizer, args: Args):
 
 def training_line(args: Args, trainer, checkpoint: Optional[str]) -> str:
     """What the run is about to do; on a GPU, that the first update compiles (a long first step is not a hang)."""
-    compiles = [name for name, on in (("the static-cache decode", args.static_cache_generation),
-                                      ("the PPO epochs' pass", args.compile_ppo_epochs)) if on and trainer.gpu_layout]
+    compiles = trainer.gpu_layout and (args.static_cache_generation or args.compile_ppo_epochs)
     return (f"Training: {trainer.total_updates} PPO updates of {args.batch_size} prompts per process on "
             f"{trainer.accelerator.num_processes} x {trainer.accelerator.device}"
             + (f", resuming after update {trainer.updates_done} from {checkpoint}" if checkpoint else "")
-            + (f"; the first update also compiles {' and '.join(compiles)} (a minute or so, once)" if compiles else ""))
+            + ("; the first update also compiles (a minute or so, once)" if compiles else ""))
 
 
 @contextmanager
@@ -590,7 +573,6 @@ def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_wid
     transformers 5 would allocate a new static cache on every call, and the compiled decode records its CUDA graphs
     again whenever a cache tensor's address changes."""
     generate, defaults = policy.generate, policy.generation_config
-    previous = vars(policy).get("generate")  # an instance attribute already there (a wrapper opened around this one)
     # A model's own default cache_implementation would clash with a cache passed in.
     cache_implementation, defaults.cache_implementation = defaults.cache_implementation, None
 
@@ -605,10 +587,7 @@ def rollouts_decode_into(cache: StaticCache, policy, batch_size: int, prompt_wid
     try:
         yield cache
     finally:
-        if previous is None:
-            del policy.generate  # back to the class's method
-        else:
-            policy.generate = previous
+        del policy.generate  # back to the class's method
         defaults.cache_implementation = cache_implementation
 
 
@@ -714,65 +693,46 @@ import errno
 import importlib.util
 import json
 import math
+import netrc
 import re
 import shlex
 import shutil
 import tempfile
 import textwrap
-from functools import partial
 
-import yaml
 from accelerate.utils import gather_object
-from huggingface_hub import get_token
 from huggingface_hub.errors import GatedRepoError
 from huggingface_hub.utils import logging as hub_logging
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_tf32_available
-from trl import TrlParser
 
 hub_logging.set_verbosity_error()  # the hub client's retry lines: a load that fails is said in one paragraph
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """`Args` from flags, which win over a --config YAML file (TRL's parser), which wins over a preset, which wins over
-    the constants in `Args`. In a notebook the command line is the kernel's own: the constants as edited are used."""
+    """`Args` from flags, which win over a preset, which wins over the constants in `Args`. In a notebook the command
+    line is the kernel's own: the constants as edited are used."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
-    argv = [part for token in argv for part in (token.split("=", 1) if token.startswith("--config=") else [token])]
-    for i, token in enumerate(argv):  # a bare --resume means the latest checkpoint in the output dir
-        if token == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            argv.insert(i + 1, "latest")
-    base = parse_with_defaults(argv, {})
+    parser = HfArgumentParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
+    parser.error = lambda message: fail(f"{message}. `python {SCRIPT} --help` lists every setting.")
+    for action in parser._actions:
+        if action.dest == "resume":  # a bare --resume means the latest checkpoint in the output dir
+            action.nargs, action.const = "?", "latest"
+        if action.option_strings[0].startswith("--no_"):  # transformers gives --no_X the help of --X
+            action.help, action.default = f"turn --{action.option_strings[0][5:]} off", argparse.SUPPRESS
+    base = Args(**vars(parser.parse_args(argv)))
     if not base.preset:
         return base
     assets = base.tiny_assets_dir or os.path.join(base.output_dir, "tiny_assets")
     preset = {name: value.replace("{tiny}", assets) if isinstance(value, str) else value
               for name, value in PRESETS[base.preset].items()}
-    args = parse_with_defaults(argv, {**preset, "tiny_assets_dir": assets})
+    parser.set_defaults(**preset, tiny_assets_dir=assets)
+    args = Args(**vars(parser.parse_args(argv)))
     changed = [f"{name} {getattr(base, name)} -> {getattr(args, name)}" for name in preset
                if getattr(args, name) != getattr(base, name)]
     if changed and os.environ.get("RANK", "0") == "0":  # before any process group exists: the launcher's rank
         print(f"preset {args.preset} changes: {', '.join(changed)}")
-    return args
-
-
-def parse_with_defaults(argv: list, defaults: dict) -> Args:
-    parser = TrlParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
-    parser.error = lambda message: fail(f"{message.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
-    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
-                        help="YAML file of settings (name: value); flags given on the command line win over it")
-    for action in parser._actions:  # transformers gives --no_X the help of --X, which says the opposite
-        if action.option_strings[0].startswith("--no_"):
-            action.help, action.default = f"turn --{action.option_strings[0][5:]} off", argparse.SUPPRESS
-    parser.set_defaults(**defaults)  # a YAML file's values replace these (as defaults: argparse checks only text)
-    try:
-        (args,) = parser.parse_args_and_config(argv)
-    except (OSError, yaml.YAMLError) as err:
-        fail(f"--config: cannot read it as YAML: {' '.join(str(err).split())}.")
-    except ValueError as err:  # an unknown setting, listed as '--name', or a YAML file that is not a mapping
-        unknown = ", ".join(re.findall(r"'--?([^']+)'", str(err)))
-        what = f"Unknown setting {unknown} (on the command line or in the YAML file)" if unknown else f"--config: {err}"
-        fail(f"{what.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     return args
 
 
@@ -797,16 +757,12 @@ def load_or_explain(load, name: str, setting: str, related: Optional[str] = None
     except (MemoryError, torch.OutOfMemoryError, AttributeError, NameError, ImportError):
         raise  # not the file's fault: memory, or code that does not fit the installed libraries
     except Exception as err:
-        fail(explain_load_error(err, name, setting, related))
-
-
-def explain_load_error(err: Exception, name: str, setting: str, related: Optional[str] = None) -> str:
-    settings = f"--{setting}" + (f" and --{related}" if related else "")
-    gated = any(isinstance(error, GatedRepoError) for error in (err, err.__cause__, err.__context__))
-    access = " It is gated: accept its license on its hub page, then log in here (`hf auth login`, or set HF_TOKEN)." \
-        if gated else ""
-    tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
-    return f"Could not load '{name}' ({settings}): {error_summary(err)}.{access} Check {settings}.{tiny}"
+        settings = f"--{setting}" + (f" and --{related}" if related else "")
+        gated = any(isinstance(error, GatedRepoError) for error in (err, err.__cause__, err.__context__))
+        access = " It is gated: accept its license on its hub page, then log in here (`hf auth login`, or set " \
+            "HF_TOKEN)." if gated else ""
+        tiny = "" if looks_local(name) else f" `python {SCRIPT} --preset tiny` runs the whole pipeline offline."
+        fail(f"Could not load '{name}' ({settings}): {error_summary(err)}.{access} Check {settings}.{tiny}")
 
 
 def error_summary(err: BaseException) -> str:  # with its cause's: a broken file's own message is often there
@@ -816,12 +772,9 @@ def error_summary(err: BaseException) -> str:  # with its cause's: a broken file
 
 def load_checked_tokenizer(name: str, setting: str, **kwargs):
     """The tokenizer saved with a model (`kwargs` such as padding_side are saved with it). From a directory without
-    tokenizer files transformers 5 builds an empty one, which maps every text to the same few ids, or fails: refused."""
-    path = os.path.expanduser(name)
-    saved = not os.path.isdir(path) or any(file.startswith(("tokenizer.", "vocab.", "spiece."))
-                                           for file in os.listdir(path))
-    tokenizer = load_or_explain(partial(AutoTokenizer.from_pretrained, **kwargs), name, setting) if saved else None
-    if tokenizer is None or not set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids):
+    tokenizer files transformers 5 fails, or builds an empty one that maps every text to the same few ids: refused."""
+    tokenizer = load_or_explain(lambda path: AutoTokenizer.from_pretrained(path, **kwargs), name, setting)
+    if not set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids):
         fail(f"'{name}' (--{setting}) holds no tokenizer (tokenizer.json, vocab files): save the model's tokenizer "
              f"there too (tokenizer.save_pretrained), or set --{setting} to a directory that has both.")
     return tokenizer
@@ -836,11 +789,6 @@ def validate_common(args):
              f"`pip install -r requirements.txt` (it pins it), or choose another --report_to.")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device auto or cpu.")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
-    why = "HF_HUB_OFFLINE is set" if offline else "there is no Hugging Face token here (`hf auth login`, or HF_TOKEN)"
-    if args.push_to_hub and (offline or get_token() is None):
-        fail(f"--push_to_hub needs the Hugging Face Hub, and {why}. Fix that, or drop --push_to_hub and upload the "
-             f"saved model after the run (`hf upload REPO OUTPUT_DIR`).")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()  # this process may write there
@@ -858,22 +806,6 @@ def check_ranges(args, positive: list, at_least_0: list = (), fractions: list = 
                 fail(f"--{name} must be {what}, got {getattr(args, name)}.")
 
 
-def push_to_hub(model, tokenizer, args) -> Optional[str]:
-    """Upload the trained model and tokenizer; if that fails, the paragraph for the run to stop with at its end."""
-    repo = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    try:
-        model.push_to_hub(repo)
-        tokenizer.push_to_hub(repo)
-        print(f"Pushed the trained model and tokenizer to the hub: {repo}")
-        return None
-    except Exception as err:  # what was trained is on disk either way; upload what the push would have
-        excludes = "".join(f" --exclude '{folder}/*'" for folder in ("checkpoint-*", "merged", "tiny_assets",
-                                                                     "value_model"))
-        return (f"--push_to_hub: uploading to '{repo}' failed ({error_summary(err)}). Nothing "
-                f"is lost: the trained model and eval.json are saved in {args.output_dir!r}. Upload them once the hub "
-                f"is reachable and you are logged in: `hf upload {repo} {shlex.quote(args.output_dir)}{excludes}`.")
-
-
 def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     """The checkpoint to resume from, or None. A finished run (eval.json or a saved model) or an unfinished one
     (checkpoints) is never overwritten silently; the settings are recorded for a resume to be checked against."""
@@ -887,28 +819,33 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
              f"was changed. Choose another --output_dir, or add --overwrite_output_dir to replace the finished model "
              f"(without --resume: start over).")
     if args.resume:
-        checkpoint = latest if args.resume in ("latest", True) else args.resume  # YAML's `resume: true` too
+        checkpoint = latest if args.resume == "latest" else args.resume
         if not checkpoint:
             fail(f"--resume: no checkpoint of this script in --output_dir {directory!r} (a checkpoint-N directory "
                  f"with {checkpoint_marker}). Give the output dir of the interrupted run, or a checkpoint path.")
-        check_checkpoint(checkpoint, checkpoint_marker)
+        inside = get_last_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None  # an output dir given
+        if inside or not os.path.exists(os.path.join(checkpoint, checkpoint_marker)):
+            fail(f"--resume {checkpoint!r} is not a checkpoint of this script (a checkpoint-N folder with "
+                 f"{checkpoint_marker}). Nothing was loaded. Use --resume alone for the latest one in --output_dir, "
+                 f"or --resume {inside or 'with a checkpoint-N path'}.")
         check_resume_settings(args, checkpoint)
     elif (finished or latest) and not args.overwrite_output_dir:
         what = finished or f"checkpoints of an unfinished run (the latest: {os.path.basename(latest)})"
         fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
              f"another --output_dir, {'' if finished else 'continue it with --resume, '}or pass "
              f"--overwrite_output_dir to start over (its eval.json, saved models and checkpoints are deleted).")
-    PartialState().wait_for_everyone()  # every process has looked before the main one deletes anything
-    if (finished or (latest and not args.resume)) and PartialState().is_main_process:
+    state = PartialState()
+    state.wait_for_everyone()  # every process has looked before the main one deletes anything
+    if (finished or (latest and not args.resume)) and state.is_main_process:
         checkpoints = [] if args.resume else [name for name in os.listdir(directory)
                                                if re.fullmatch(r"checkpoint-\d+", name)]
         for name in checkpoints:
             shutil.rmtree(os.path.join(directory, name))
         print(f"--overwrite_output_dir: deleted the earlier run's eval.json, saved models and {len(checkpoints)} "
               f"checkpoint(s){delete_finished_run(args)}" + (f"; continuing from {checkpoint}" if args.resume else ""))
-    if PartialState().is_main_process:  # the settings a resumed run is checked against
-        write_json(os.path.join(directory, "settings.json"), {**vars(args), **processes()})
-    PartialState().wait_for_everyone()
+    if state.is_main_process:  # the settings a resumed run is checked against
+        write_json(os.path.join(directory, "settings.json"), {**vars(args), "num_processes": state.num_processes})
+    state.wait_for_everyone()
     return checkpoint if args.resume else None
 
 
@@ -937,7 +874,8 @@ def delete_finished_run(args) -> str:
 def check_resume_settings(args, checkpoint: str):
     """Each of RESUME_MUST_MATCH as the run that wrote `checkpoint` had it (its output dir's settings.json)."""
     path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "settings.json")
-    saved, now = read_json(path) if os.path.exists(path) else {}, {**vars(args), **processes()}
+    saved = read_json(path) if os.path.exists(path) else {}
+    now = {**vars(args), "num_processes": PartialState().num_processes}  # each process takes its own batch
 
     def comparable(settings: dict, name: str):  # the tiny preset's paths lie in its assets dir, wherever that is
         value, assets = settings[name], settings.get("tiny_assets_dir")
@@ -949,19 +887,6 @@ def check_resume_settings(args, checkpoint: str):
         fail(f"--resume {checkpoint!r}: the run that wrote it was trained with other settings ({'; '.join(changed)}), "
              f"and a resumed run ends where that run would only with the same ones. Nothing was loaded. Set them "
              f"back, or start a new run in another --output_dir.")
-
-
-def processes() -> dict:  # as many as the launcher's --num_processes: each takes its own batch
-    return {"num_processes": PartialState().num_processes}
-
-
-def check_checkpoint(checkpoint: str, marker: str):
-    """A checkpoint-N folder of this script. Complete if it exists: save_atomically moves it in once written whole."""
-    inside = get_last_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
-    if inside or not os.path.exists(os.path.join(checkpoint, marker)):
-        fail(f"--resume {checkpoint!r} is not a checkpoint of this script (a checkpoint-N folder with {marker}). "
-             f"Nothing was loaded. Use --resume alone for the latest one in --output_dir, or --resume "
-             f"{inside or 'with a checkpoint-N path'}.")
 
 
 def read_json(path: str) -> dict:
@@ -1100,8 +1025,6 @@ def prepare_tracking(args):
     wandb logs offline, and one line says so, instead of asking for a login."""
     if args.report_to != "wandb":
         return
-    import netrc
-
     os.environ["WANDB_PROJECT"] = args.wandb_project  # read by transformers' wandb callback
     os.environ.update({"WANDB_ENTITY": args.wandb_entity} if args.wandb_entity else {})
     try:
@@ -1170,6 +1093,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
     marker = os.path.join(directory, "READY")
     if os.path.exists(marker):
         return
+    from datasets import Dataset
     from transformers import DistilBertConfig, GPT2Config
 
     print(f"Building the tiny preset's models and data in {directory} (once; under a minute) ...", flush=True)
@@ -1178,11 +1102,9 @@ def build_tiny_assets(directory: str, seed: int = 0):
     torch.manual_seed(seed)
     splits = {name: [(synthetic_review(rng, label), label) for label in [0, 1] * (n // 2)]
               for name, n in (("train", 2000), ("test", 400))}
-    os.makedirs(os.path.join(directory, "reviews"), exist_ok=True)
     for name, rows in splits.items():
-        with open(os.path.join(directory, "reviews", f"{name}.jsonl"), "w") as handle:
-            for text, label in rows:
-                handle.write(json.dumps({"text": text, "label": label}) + "\n")
+        Dataset.from_list([{"text": text, "label": label} for text, label in rows]).to_json(
+            os.path.join(directory, "reviews", f"{name}.jsonl"))
     texts = [text for text, _ in splits["train"]]
 
     gpt_tokenizer = build_policy_tokenizer(texts)
@@ -1228,26 +1150,19 @@ def build_policy_tokenizer(texts: list[str]):
 
 
 def build_classifier_tokenizer(texts: list[str]):
-    """Lower-cased WordPiece with [CLS] ... [SEP], as DistilBERT's. The vocabulary is every word of `texts` plus
-    every character alone and as a "##" continuation, so any word made of known characters (policies invent
-    some) is split into pieces. Built here, not by tokenizers' WordPiece trainer, whose ties break differently in
-    every build (measured: 5 different vocabularies in 5 builds), so the tiny rewards would differ between builds."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """DistilBERT's own tokenizer class (lower-cased WordPiece, [CLS] ... [SEP]) over every word of `texts` plus every
+    character alone and as a "##" continuation, so any word made of known characters (policies invent some) is split
+    into pieces. The vocabulary is listed here, not learnt by tokenizers' WordPiece trainer, whose ties break
+    differently in every build (measured: 5 different vocabularies in 5 builds): the tiny rewards would differ."""
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import DistilBertTokenizer
 
     normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = sorted({word for text in texts for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))})
     characters = sorted({character for word in words for character in word})
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    pieces = dict.fromkeys(specials + words + characters + ["##" + c for c in characters])  # ordered, no repeats
-    wordpiece = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="[UNK]"))
-    wordpiece.normalizer, wordpiece.pre_tokenizer, wordpiece.decoder = normalizer, splitter, decoders.WordPiece()
-    wordpiece.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[(t, wordpiece.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=wordpiece, model_max_length=128, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"])
+    pieces = dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *characters,
+                            *["##" + character for character in characters]])  # ordered, no repeats
+    return DistilBertTokenizer(vocab={piece: i for i, piece in enumerate(pieces)}, model_max_length=128)
 
 
 def fit(model, examples: list[dict], steps: int, lr: float, batch_size: int = 32, pad_token_id: int = 0):

@@ -60,7 +60,7 @@ def build_shape_faithful_models(directory: str):
 TRL_EXAMPLE_BATCH = 64
 TRL_EXAMPLE_FLAGS = ["--gradient_accumulation_steps", "1", "--num_mini_batches", "1", "--tf32", "false",
                      "--bf16_autocast", "false", "--static_cache_generation", "false", "--compile_ppo_epochs", "false",
-                     "--free_memory_each_update", "true"]
+                     "--trl_memory_freeing"]  # measured_ppo.py's: TRL's loop with its freeing
 MEASURED = os.path.join("benchmarks", "measured_ppo.py")
 
 
@@ -98,7 +98,7 @@ def measure(args, work: str, name: str, batch_size: int, flags: list[str], scrip
                 "micro_batch": run_args["batch_size"] // run_args["gradient_accumulation_steps"],
                 "num_mini_batches": run_args["num_mini_batches"], "num_ppo_epochs": run_args["num_ppo_epochs"],
                 "response_length": run_args["response_length"], "tf32": run_args["tf32"] and args.device == "cuda",
-                "free_memory_each_update": run_args["free_memory_each_update"], "updates": result["updates"]}
+                "free_memory_each_update": "--trl_memory_freeing" in flags, "updates": result["updates"]}
     for lever in ("bf16_autocast", "static_cache_generation", "compile_ppo_epochs"):  # they act on a GPU only
         # Older copies: absent, or compile_ppo_epochs a mode's name ("none": off)
         settings[lever] = run_args.get(lever) not in (None, False, "none") and args.device == "cuda"

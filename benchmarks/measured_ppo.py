@@ -3,6 +3,9 @@ OUTPUT_DIR/benchmark.json beside eval.json:
 
     python benchmarks/measured_ppo.py [--script PATH] SCRIPT_FLAGS...   # PATH: another copy of the script (a baseline)
 
+--trl_memory_freeing (among the flags) runs TRL's own loop, with the gc.collect() and CUDA cache emptying that the
+script skips: TRL's example layout.
+
 - rollout_seconds, optimisation_seconds: each update's two phases, in order. The rollout (generation, reward,
   reference and value passes, advantages) starts when TRL's loop draws the update's prompts; the optimisation (the
   PPO epochs) when the policy-and-value wrapper, which only the epochs call, is first called; it ends when TRL logs
@@ -40,7 +43,7 @@ def load_script(path: Optional[str]):
     return module
 
 
-def measured_trainer(ppo):
+def measured_trainer(ppo, trl_memory_freeing: bool = False):
     """The script's SentimentPPOTrainer, subclassed to record each update's phases in `measured` and to check the
     policy ratio. Its names are its own: older copies of the script measured phases themselves, under theirs."""
     import torch
@@ -59,6 +62,12 @@ def measured_trainer(ppo):
             self.dataloader = self.batches_marking_rollouts(self.dataloader)
             # Rollouts call the policy and value model apart: only the PPO epochs call the wrapper.
             self.accelerator.unwrap_model(self.model).register_forward_pre_hook(self.mark_optimisation)
+
+        def train(self):
+            if not trl_memory_freeing:
+                return super().train()
+            with self.rollout_generation():  # TRL's loop as it is, its per-update freeing included
+                return ppo.PPOTrainer.train(self)
 
         def now(self) -> float:
             if self.accelerator.device.type == "cuda":
@@ -137,10 +146,11 @@ def main(argv: Optional[list] = None) -> dict:
 
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
     script, argv = (argv[1], argv[2:]) if argv[:1] == ["--script"] else (None, argv)
+    freeing, argv = "--trl_memory_freeing" in argv, [token for token in argv if token != "--trl_memory_freeing"]
     ppo = load_script(script)
     args = ppo.parse_args(argv)
     skips = counters["inductor"]["cudagraph_skips"]  # the process's count: earlier runs in it counted too
-    original, ppo.SentimentPPOTrainer = ppo.SentimentPPOTrainer, measured_trainer(ppo)
+    original, ppo.SentimentPPOTrainer = ppo.SentimentPPOTrainer, measured_trainer(ppo, freeing)
     try:
         ppo.main(args)
     finally:

@@ -32,10 +32,11 @@ def test_trl_example_layout_turns_off_every_gpu_lever_of_the_script_defaults(tmp
     monkeypatch.setattr(ppo, "on_gpu", lambda args: True)
     defaults = ppo.parse_args([])
     assert defaults.static_cache_generation and defaults.compile_ppo_epochs and defaults.bf16_autocast
-    theirs = ppo.parse_args(bench_ppo.TRL_EXAMPLE_FLAGS + ["--output_dir", str(tmp_path / "run")])
+    flags = [flag for flag in bench_ppo.TRL_EXAMPLE_FLAGS if flag != "--trl_memory_freeing"]  # measured_ppo.py's
+    theirs = ppo.parse_args(flags + ["--output_dir", str(tmp_path / "run")])
     ppo.validate(theirs)
     assert not (theirs.static_cache_generation or theirs.compile_ppo_epochs or theirs.bf16_autocast or theirs.tf32)
-    assert theirs.free_memory_each_update
+    assert "--trl_memory_freeing" in bench_ppo.TRL_EXAMPLE_FLAGS
 
 
 def test_step_timer_profiles_one_step_and_records_which_steps_it_cost(tmp_path):

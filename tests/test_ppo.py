@@ -6,6 +6,7 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def write_reviews(directory, rows, split="train"):
 
 
 # ---------------------------------------------------------------------------------------------- settings
-def test_preset_changes_only_defaults_says_which_and_explicit_flags_and_yaml_win(tmp_path, monkeypatch, capsys):
+def test_preset_changes_only_defaults_says_which_and_explicit_flags_win(tmp_path, monkeypatch, capsys):
     default = ppo.parse_args([])
     assert default.model_name_or_path == "lvwerra/gpt2-imdb" and default.learning_rate == 1.41e-5
     assert default.batch_size == 128 and default.num_ppo_epochs == 4 and default.response_length == 16
@@ -41,10 +42,6 @@ def test_preset_changes_only_defaults_says_which_and_explicit_flags_and_yaml_win
     assert tiny.learning_rate == ppo.PRESETS["tiny"]["learning_rate"] and tiny.report_to == "wandb"
     explicit = ppo.parse_args(["--preset", "tiny", "--learning_rate", "0.5", "--model_name_or_path", "my/model"])
     assert explicit.learning_rate == 0.5 and explicit.model_name_or_path == "my/model"
-    config = tmp_path / "run.yaml"
-    config.write_text("kl_coef: 0.3\nbatch_size: 64\n")
-    from_yaml = ppo.parse_args(["--config", str(config), "--batch_size", "16"])
-    assert from_yaml.kl_coef == 0.3 and from_yaml.batch_size == 16  # CLI beats YAML beats defaults
     # A constant edited in Args and then replaced by the preset: the line shows the edited value being replaced.
     capsys.readouterr()
     monkeypatch.setattr(ppo.Args.__dataclass_fields__["learning_rate"], "default", 2e-5)
@@ -67,9 +64,8 @@ def test_the_training_line_says_when_the_first_update_compiles():
 
     both = line(True)
     assert both.startswith("Training: 96 PPO updates of 128 prompts per process on 1 x cuda:0")
-    assert "the first update also compiles the static-cache decode and the PPO epochs' pass" in both
-    epochs = line(True, "--static_cache_generation", "false")
-    assert "compiles the PPO epochs' pass" in epochs and "decode" not in epochs
+    assert "the first update also compiles (a minute or so, once)" in both
+    assert "compiles" in line(True, "--static_cache_generation", "false")
     assert "compiles" not in line(True, "--static_cache_generation", "false", "--compile_ppo_epochs", "false")
     assert "compiles" not in line(False)  # the GPU-only settings are not used without a GPU
     resumed = line(False, updates_done=40, checkpoint="out/checkpoint-40")
@@ -505,19 +501,14 @@ def test_the_trainer_decodes_every_rollout_into_its_one_static_cache_on_a_gpu(pp
 
 
 def test_the_rollout_cache_wrapper_restores_what_it_found(ppo_assets):
-    """Opened inside another (a benchmark's around training, say), the wrapper gives back the outer one on exit,
-    and the outer one the class's own `generate`; the model's default cache_implementation comes back too."""
+    """On exit the model has the class's own `generate` back, and its default cache_implementation."""
     from transformers.cache_utils import StaticCache
 
     policy = AutoModelForCausalLM.from_pretrained(f"{ppo_assets}/gpt2")
     policy.generation_config.cache_implementation = "dynamic"
     cache = StaticCache(config=policy.config, max_cache_len=24)
     with ppo.rollouts_decode_into(cache, policy, batch_size=4, prompt_width=8, response_length=16):
-        outer = policy.generate
-        assert policy.generation_config.cache_implementation is None
-        with ppo.rollouts_decode_into(cache, policy, batch_size=4, prompt_width=8, response_length=16):
-            assert policy.generate is not outer
-        assert policy.generate is outer
+        assert "generate" in vars(policy) and policy.generation_config.cache_implementation is None
     assert "generate" not in vars(policy) and policy.generation_config.cache_implementation == "dynamic"
 
 
@@ -588,20 +579,20 @@ def test_compiled_ppo_epochs_trace_into_one_graph_after_one_eager_call(ppo_asset
 
 
 @pytest.mark.slow
-def test_trl_memory_freeing_is_skipped_unless_asked_for(ppo_assets, tmp_path, monkeypatch):
+def test_trls_per_update_memory_freeing_is_skipped(ppo_assets, tmp_path, monkeypatch):
     """TRL's loop runs gc.collect() twice per update (measured: 0.22 s each on 2 CPU cores, two thirds of a tiny
-    update); the script skips it, and TRL's CUDA cache emptying, unless --free_memory_each_update."""
+    update) and empties the CUDA cache about ten times; the script's trainer skips both while it trains."""
     import gc
 
-    real_collect, calls = gc.collect, []
-    monkeypatch.setattr(gc, "collect", lambda *args: calls.append(1) or real_collect(*args))
-    counts = {}
-    for free in ("false", "true"):
-        calls.clear()
-        run_tiny(ppo, ppo_assets, tmp_path / free, "--total_episodes", "160", "--num_eval_prompts", "8",
-                 "--free_memory_each_update", free)
-        counts[free] = len(calls)
-    assert counts["true"] - counts["false"] >= 2 * 5  # two per update, 5 updates
+    real_collect, callers = gc.collect, []
+
+    def counted_collect(*args):
+        callers.append(sys._getframe(1).f_globals.get("__name__"))
+        return real_collect(*args)
+
+    monkeypatch.setattr(gc, "collect", counted_collect)
+    run_tiny(ppo, ppo_assets, tmp_path / "run", "--total_episodes", "160", "--num_eval_prompts", "8")
+    assert ppo.trl_ppo_module.__name__ not in callers
     assert ppo.trl_ppo_module.gc is gc and ppo.trl_ppo_module.empty_cache.__module__ == "trl.experimental.utils"
 
 
@@ -817,24 +808,6 @@ def test_a_second_ctrl_c_stops_at_once_with_exit_130_and_no_traceback(ppo_assets
     assert "SIGINT: finishing the current step, then saving a checkpoint (again to stop at once)" in output
     assert "SIGINT: stopped at once. This step's checkpoint was not saved" in output
     assert "Traceback" not in output and not list(out.glob("checkpoint-*"))
-
-
-@pytest.mark.slow
-def test_the_policy_is_pushed_once_after_eval_json_is_written_and_a_failed_push_stops_the_run_last(
-        ppo_assets, tmp_path, monkeypatch):
-    """The push used to come right after saving, before the evaluation: a push that failed (no connection) ended the
-    run with a traceback and no eval.json. Now the trained policy goes up after eval.json is written, and a push
-    that fails stops the run (exit 1) with its paragraph, last."""
-    out = tmp_path / "run"
-    pushed = []
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the push is refused up front when offline or without a token
-    monkeypatch.setattr(ppo, "get_token", lambda: "hf_x")
-    monkeypatch.setattr(ppo, "push_to_hub", lambda model, tokenizer, args: pushed.append(
-        (os.path.exists(out / "eval.json"), type(model).__name__, args.hub_model_id)) or "the upload failed")
-    stops_with("the upload failed", run_tiny, ppo, ppo_assets, out, "--total_episodes", "32", "--num_eval_prompts",
-               "8", "--push_to_hub")
-    assert pushed == [(True, "GPT2LMHeadModel", None)]
-    assert (out / "eval.json").exists() and (out / "model.safetensors").exists()
 
 
 def test_ctrl_c_during_the_final_evaluation_keeps_the_saved_model_and_exits_130(ppo_assets, tmp_path):

@@ -1,5 +1,5 @@
-"""What both scripts share: the plumbing appendix (identical text), --help, the command line's errors, YAML files,
-the resume command, gated and unreachable hubs, and running as a notebook."""
+"""What both scripts share: the plumbing appendix (identical text), --help, the command line's errors, the resume
+command, gated and unreachable hubs, and running as a notebook."""
 import json
 import os
 import re
@@ -28,12 +28,11 @@ def test_the_shared_plumbing_appendix_is_the_same_text_in_both_scripts():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
-def test_help_lists_config_and_says_what_each_boolean_flag_does(script, module):
+def test_help_lists_every_setting_and_says_what_each_boolean_flag_does(script, module):
     completed = run_cli(script, ["--help"])
     assert completed.returncode == 0
     assert completed.stdout.startswith("usage: ") and completed.stderr == ""  # no library notice before it
     text = " ".join(completed.stdout.split())
-    assert "--config FILE.yaml YAML file of settings" in text
     assert "option_strings" not in text  # what a bare % in a help text prints: argparse's own fields
     unwrapped = "".join(text.split())  # help is wrapped, at spaces and after hyphens
     for name, spec in module.Args.__dataclass_fields__.items():  # every setting is listed with its whole help
@@ -54,76 +53,35 @@ def test_a_bad_setting_on_the_command_line_exits_1_with_one_paragraph_and_no_tra
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, module", SCRIPTS)
-def test_an_unknown_setting_in_yaml_or_on_the_command_line_is_named(script, module, tmp_path):
-    """The YAML file's typo as a user meets it (exit 1, the paragraph on stderr, no traceback); the command line's
-    goes through the same parser and the same SystemExit, so its message is checked in this process (a second
-    launch would pay the libraries' import again, about 6 s, to prove the same exit)."""
-    config = tmp_path / "run.yaml"
-    config.write_text("learnig_rate: 0.1\nseed: 3\n")
-    completed = run_cli(script, ["--config", config, "--output_dir", str(tmp_path)])
-    assert completed.returncode == 1 and "Traceback" not in completed.stderr
-    assert "error: Unknown setting learnig_rate (on the command line or in the YAML file)." in \
-        " ".join(completed.stderr.split())
-    stops_with(r"Unknown setting learnig_rate \(on the command line or in the YAML file\)\. `python \S+ --help` lists",
-               module.parse_args, ["--learnig_rate", "0.1", "--output_dir", str(tmp_path)])
+def test_an_unknown_setting_on_the_command_line_is_named(script, module, tmp_path):
+    """A typo as a user meets it: exit 1, the paragraph on stderr, no traceback, no usage block."""
+    completed = run_cli(script, ["--learnig_rate", "0.1", "--output_dir", str(tmp_path)])
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr and "usage:" not in completed.stderr
+    assert re.search(r"^error: unrecognized arguments: --learnig_rate 0.1\. `python \S+ --help` lists every setting",
+                     " ".join(completed.stderr.split()))
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
 def test_values_argparse_refuses_stop_with_one_paragraph_and_abbreviations_are_unknown_settings(script, module,
                                                                                                 tmp_path):
-    """A value of the wrong type, a missing value, a file that is not YAML or not a mapping: one paragraph and exit
-    1 (argparse's own would print the whole usage and exit 2; PyYAML's and TRL's parser's, a traceback). A prefix of
-    a setting's name is not taken for it (argparse's default): it is named as unknown."""
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("learning_rate: [0.1\n")
-    wrong_type = tmp_path / "wrong_type.yaml"
-    wrong_type.write_text("seed: abc\n")
-    a_list = tmp_path / "a_list.yaml"
-    a_list.write_text("- seed\n- 3\n")
+    """A value of the wrong type, a missing value: one paragraph and exit 1 (argparse's own would print the whole
+    usage and exit 2). A prefix of a setting's name is not taken for it (argparse's default): it is unknown."""
     for argv, expected in (
             (["--seed", "abc"], r"^error: argument --seed: invalid int value: 'abc'. `python \S+ --help` lists"),
             (["--seed"], r"^error: argument --seed: expected one argument."),
             (["--overwrite_output_dir", "maybe"], r"Truthy value expected: got maybe"),
-            (["--config", broken], r"^error: --config: cannot read it as YAML: while parsing a flow sequence in "
-                                   r".*broken.yaml\", line 1"),
-            (["--config", tmp_path / "missing.yaml"], r"^error: --config: cannot read it as YAML: \[Errno 2\] No such "
-                                                      r"file or directory"),
-            (["--config", a_list], r"^error: --config: Config file .*a_list.yaml must contain a YAML mapping"),
-            (["--config", wrong_type], r"^error: argument --seed: invalid int value: 'abc'"),
-            (["--learning_rat", "0.1"], r"Unknown setting learning_rat "),
-            (["--see", "3"], r"Unknown setting see ")):
+            (["--learning_rat", "0.1"], r"^error: unrecognized arguments: --learning_rat 0.1\. "),
+            (["--see", "3"], r"^error: unrecognized arguments: --see 3\. ")):
         message = stops_with(expected, module.parse_args, [*map(str, argv), "--output_dir", str(tmp_path)])
         assert message.strip().count("\n\n") == 0 and "usage:" not in message
 
 
 @pytest.mark.parametrize("script, module", SCRIPTS)
-def test_config_given_as_one_token_is_read_as_two_are(script, module, tmp_path):
-    """--config=FILE (one token): TRL's parser looks for --config alone, and argparse took the rest as a value it
-    then could not hand over ("too many values to unpack")."""
-    config = tmp_path / "run.yaml"
-    config.write_text("seed: 7\n")
-    assert module.parse_args([f"--config={config}"]).seed == 7
-
-
-@pytest.mark.parametrize("script, module", SCRIPTS)
-def test_yaml_values_are_read_by_trls_parser_and_flags_win_over_them(script, module, tmp_path):
-    """TRL's parser: the file's values become defaults, a flag given on the command line wins, `env:` sets
-    environment variables; `resume: true` means the latest checkpoint, as a bare --resume does."""
-    def parse(text: str, *argv: str):
-        config = tmp_path / "run.yaml"
-        config.write_text(text)
-        return module.parse_args(["--config", str(config), "--output_dir", str(tmp_path), *argv])
-
-    args = parse("seed: 7\nlearning_rate: 2\nreport_to: none\n")
-    assert (args.seed, args.learning_rate, args.report_to) == (7, 2, "none")
-    assert parse("seed: 7\n", "--seed", "8").seed == 8
-    assert parse("resume: latest\n").resume == "latest" and parse("resume: true\n").resume is True
-    marker = "counters.json" if module is ppo else "trainer_state.json"
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / marker).write_text("{}")
-    assert module.prepare_output_dir(parse("resume: true\n"), marker) == str(tmp_path / "checkpoint-2")
-    assert parse("env:\n  PPO_DPO_TEST_VARIABLE: set\nseed: 3\n").seed == 3
-    assert os.environ.pop("PPO_DPO_TEST_VARIABLE") == "set"
+def test_a_bare_resume_means_the_latest_checkpoint_and_a_path_that_checkpoint(script, module):
+    assert module.parse_args(["--resume"]).resume == module.parse_args(["--resume", "--seed", "1"]).resume == "latest"
+    assert module.parse_args(["--resume", "out/checkpoint-2"]).resume == module.parse_args(
+        ["--resume=out/checkpoint-2"]).resume == "out/checkpoint-2"
+    assert module.parse_args([]).resume is None
 
 
 def test_numbers_must_be_finite_and_the_output_dir_writable(tmp_path):
@@ -136,24 +94,6 @@ def test_numbers_must_be_finite_and_the_output_dir_writable(tmp_path):
     (tmp_path / "a_file").write_text("")
     stops_with(r"--output_dir '.*a_file' .*Choose a directory you can write to", ppo.validate,
                ppo.parse_args(["--output_dir", str(tmp_path / "a_file")]))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("script, module", SCRIPTS)
-def test_ctrl_c_while_the_libraries_load_stops_with_one_line(script, module, tmp_path):
-    """SIGINT half a second in, while torch, transformers and TRL are still being imported (several seconds), before
-    the training's own handler is set: one line and exit 130, as a stop once training began, no traceback."""
-    import signal
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, os.path.join(REPO, script), "--output_dir", str(tmp_path / "out")],
-                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    child.send_signal(signal.SIGINT)
-    stdout, stderr = child.communicate(timeout=60)
-    assert child.returncode == 130 and stderr.strip() == "SIGINT: stopped at once. Nothing was trained yet.", stderr
-    assert not (tmp_path / "out").exists()
 
 
 def test_the_resume_command_drops_every_form_of_resume_and_overwrite():
@@ -311,55 +251,6 @@ def test_every_setting_a_resume_must_match_is_a_setting_of_the_script(script, mo
     assert {"seed", "learning_rate", "gradient_accumulation_steps"} <= set(module.RESUME_MUST_MATCH)
 
 
-@pytest.mark.parametrize("script, module", SCRIPTS)
-def test_push_to_hub_is_refused_before_training_where_it_cannot_work_and_a_failed_one_says_how_to_upload(
-        script, module, tmp_path, monkeypatch, capsys):
-    """Before any model loads (the settings check): an offline hub, no token. After training, a push that fails
-    anyway (the connection drops) is one paragraph that says the files are saved and how to upload them."""
-    from types import SimpleNamespace
-
-    args = module.parse_args(["--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "me/model"])
-    monkeypatch.setattr(module, "get_token", lambda: "hf_x")
-    stops_with(r"--push_to_hub needs the Hugging Face Hub, and HF_HUB_OFFLINE is set. Fix that, or drop --push_to_hub "
-               r"and upload the saved model after the run \(`hf upload REPO OUTPUT_DIR`\)", module.validate_common,
-               args)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    module.validate_common(args)  # online, with a token: nothing to refuse
-    monkeypatch.setattr(module, "get_token", lambda: None)
-    stops_with(r"--push_to_hub needs the Hugging Face Hub, and .*no Hugging Face token.*`hf auth login`.*HF_TOKEN",
-               module.validate_common, args)
-    module.validate_common(module.parse_args(["--output_dir", str(tmp_path / "run")]))  # no push: no token needed
-
-    def drop(repo):
-        raise ConnectionError("Name or service not known")
-
-    pushed = []
-    model = SimpleNamespace(push_to_hub=lambda repo: pushed.append(repo))
-    module.push_to_hub(model, SimpleNamespace(push_to_hub=lambda repo: pushed.append(repo)), args)
-    assert pushed == ["me/model", "me/model"] and "Pushed the trained model and tokenizer" in capsys.readouterr().out
-
-    def drop_silently(repo):
-        raise ConnectionError()
-
-    failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop_silently), None, args)
-    assert "failed (ConnectionError" in failed and "empty file" not in failed  # named by its type
-    for folder in ("checkpoint-2", "checkpoint-4", "tiny_assets", "value_model"):  # what the push did not upload
-        os.makedirs(tmp_path / "run" / folder)
-    failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)  # for the run to stop with, last
-    assert re.search(r"--push_to_hub: uploading to 'me/model' failed \(ConnectionError: Name or service not known\). "
-                     r"Nothing is lost: the trained model and eval.json are saved in .*`hf upload me/model .*run",
-                     " ".join(failed.split()))
-    # The upload command leaves out every folder (before, value_model/ went up with the policy): the files left
-    # are the ones the push uploads, and eval.json and settings.json. DPO's merged/ is written after the push.
-    command = re.search(r"`(hf upload .*)`", " ".join(failed.split())).group(1)
-    excluded = set(re.findall(r"--exclude '([^']+)/\*'", command))
-    assert {"checkpoint-*", "tiny_assets", "value_model"} <= excluded and (module is ppo or "merged" in excluded)
-    args.output_dir = str(tmp_path / "my run")  # a path with a space stays one argument of the command
-    os.makedirs(args.output_dir)
-    failed = module.push_to_hub(SimpleNamespace(push_to_hub=drop), None, args)
-    assert f"`hf upload me/model '{tmp_path}/my run'" in failed
-
-
 def test_the_tiny_preset_says_it_builds_before_the_wait_and_nothing_once_built(ppo_assets, dpo_assets, tmp_path,
                                                                                monkeypatch, capsys):
     """A first tiny run used to sit silent between the preset's line and "Built ..." (13 s idle on 2 cores, 80 s on
@@ -392,7 +283,15 @@ def test_running_out_of_memory_while_loading_is_not_blamed_on_the_file():
             module.load_or_explain(load, "meta-llama/Llama-2-7b-hf", "model_name_or_path")
 
 
-def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_path():
+def explained(module, err: Exception, name: str) -> str:
+    """The paragraph load_or_explain stops with when loading `name` raises `err`."""
+    def load(path):
+        raise err
+
+    return " ".join(stops_with("", module.load_or_explain, load, name, "model_name_or_path").split())
+
+
+def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_path(tmp_path):
     """By the hub client's GatedRepoError, alone or chained into transformers' own OSError as transformers raises
     it; a 401 in a message, or a number in a path, is no gated repository."""
     from huggingface_hub.errors import GatedRepoError
@@ -408,16 +307,15 @@ def test_gated_models_are_told_apart_by_the_hubs_answer_not_by_a_number_in_a_pat
         chained = raised
     for module in (ppo, dpo):
         for err in (error, chained):
-            gated = module.explain_load_error(err, "meta-llama/Llama-2-7b-hf", "model_name_or_path")
+            gated = explained(module, err, "meta-llama/Llama-2-7b-hf")
             assert "gated" in gated and "license" in gated and "HF_TOKEN" in gated and "hf auth login" in gated
             assert "--model_name_or_path" in gated
-        http = module.explain_load_error(OSError("401 Client Error: Unauthorized for url"), "x/y",
-                                         "model_name_or_path")
-        assert "gated" not in http and "401 Client Error" in http
-        local = module.explain_load_error(OSError("Error no file named model.safetensors found in directory "
-                                                  "outputs/run/checkpoint-401."), "outputs/run/checkpoint-401",
-                                          "model_name_or_path")
-        assert "gated" not in local and "no file named model.safetensors" in local
+        http = explained(module, OSError("401 Client Error: Unauthorized for url"), "x/y")
+        assert "It is gated" not in http and "401 Client Error" in http
+        (tmp_path / "checkpoint-401").mkdir(exist_ok=True)
+        local = explained(module, OSError("Error no file named model.safetensors found in directory checkpoint-401."),
+                          str(tmp_path / "checkpoint-401"))
+        assert "It is gated" not in local and "no file named model.safetensors" in local
 
 
 @pytest.mark.parametrize("module", [ppo, dpo], ids=["ppo", "dpo"])
@@ -433,8 +331,9 @@ def test_only_a_hub_name_that_fails_to_load_suggests_the_offline_tiny_preset(mod
                      AutoConfig.from_pretrained, "someone/model", "model_name_or_path")
     assert hub.strip().count("\n\n") == 0
     broken = OSError("Error no file named model.safetensors found in directory.")
-    for local in (str(tmp_path / "tiny_assets" / "gpt2"), "./outputs/run/checkpoint-2"):
-        message = module.explain_load_error(broken, local, "model_name_or_path")
+    for local in (tmp_path / "tiny_assets" / "gpt2", tmp_path / "outputs" / "run" / "checkpoint-2"):
+        local.mkdir(parents=True)
+        message = explained(module, broken, str(local))
         assert "no file named model.safetensors" in message and "--preset tiny" not in message
     missing = stops_with(r"looks like a local path, but nothing exists there", module.load_or_explain,
                          lambda name: None, str(tmp_path / "missing"), "model_name_or_path")
