@@ -87,8 +87,7 @@ class Args:
     max_new_tokens: int = arg(128, "most new tokens in each of those answers")
 
     # Tracking and saving
-    report_to: Literal["wandb", "tensorboard", "none"] = arg("wandb", "tracker (wandb without credentials logs "
-                                                             "offline to ./wandb)")
+    report_to: Literal["wandb", "tensorboard", "none"] = arg("wandb", "tracker; without credentials wandb logs offline")
     wandb_project: str = arg("dpo_llama2_stackexchange", "wandb project the run is logged to")
     wandb_entity: Optional[str] = arg(None, "wandb team or user; None: your default entity")
     run_name: Optional[str] = arg(None, "run name on the tracker; None: generated")
@@ -96,8 +95,7 @@ class Args:
     eval_steps: int = arg(100, "evaluate on the held-out pairs every N steps; 0: never during training")
     save_steps: int = arg(100, "save a checkpoint every N steps; 0: no periodic checkpoints")
     resume: Optional[str] = arg(None, "continue from a checkpoint: 'latest' (bare --resume) or a checkpoint dir")
-    overwrite_output_dir: bool = arg(False, "start over in an output dir that holds a finished or unfinished run "
-                                     "(its eval.json, saved models and checkpoints are deleted)")
+    overwrite_output_dir: bool = arg(False, "start over: delete the output dir's eval.json, models and checkpoints")
     merge_full_model: bool = arg(False, "also save the base with the adapter merged in (reloads the base unquantised)")
 
     # System and speed
@@ -130,8 +128,7 @@ def make_pair(question: str, chosen: str, rejected: str) -> dict:
     return {"prompt": f"Question: {question}\n\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected}
 
 
-def unusable(question, chosen, rejected) -> str:
-    """Why a pair cannot teach a preference ("" when it can)."""
+def unusable(question, chosen, rejected) -> str:  # why a pair cannot teach a preference ("" when it can)
     if not all(isinstance(text, str) for text in (question, chosen, rejected)):
         return "missing"  # a question or an answer is absent (None)
     if not chosen.strip() or not rejected.strip():
@@ -140,8 +137,7 @@ def unusable(question, chosen, rejected) -> str:
 
 
 def load_pairs(args: Args, tokenizer, data_dir: str, cap: Optional[int], setting: str):
-    """One data_dir's pairs as prompt/chosen/rejected, less those that cannot teach a preference or exceed the token
-    limits (counted per reason, in one line)."""
+    """One data_dir's usable pairs as prompt/chosen/rejected; one line counts those dropped, per reason."""
     dataset = load_or_explain(lambda name: load_dataset(name, data_dir=data_dir, split="train"),
                               args.dataset_name, "dataset_name", related=setting)
     check_columns(args, dataset, data_dir)
@@ -184,10 +180,8 @@ def compute_dtype(args: Args) -> torch.dtype:
 
 def quantization_config(args: Args) -> Optional[BitsAndBytesConfig]:
     """NF4 with double quantisation. (The anchor's bare load_in_4bit=True meant fp4 with fp32 compute.)"""
-    if not args.load_in_4bit:
-        return None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype(args))
+                              bnb_4bit_compute_dtype=compute_dtype(args)) if args.load_in_4bit else None
 
 
 def load_model(args: Args):
@@ -200,8 +194,9 @@ def load_model(args: Args):
             name, quantization_config=quantization_config(args), dtype=compute_dtype(args), device_map={"": device}),
         args.model_name_or_path, "model_name_or_path")
     model.config.use_cache = False  # incompatible with gradient checkpointing during training
-    if args.load_in_4bit and model.device.type == "cpu":
-        guard_cpu_4bit_gradients(model)
+    for module in model.modules():  # each Linear4bit: its CPU repack breaks LoRA gradients (Appendix A)
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # acts only on CPU inputs: harmless on a GPU
+            module.support_avx512bf16_for_cpu = False
     return model.requires_grad_(False)
 
 
@@ -226,15 +221,14 @@ def build_dpo_config(args: Args) -> DPOConfig:
         gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,  # every adapter trains every step: no per-step search (and its warning)
         max_length=args.max_length, max_steps=args.max_steps, logging_steps=args.logging_steps,
-        eval_strategy="steps" if args.eval_steps > 0 else "no",
-        eval_steps=args.eval_steps if args.eval_steps > 0 else None,
-        save_strategy="steps" if args.save_steps > 0 else "no",
-        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,  # validated: >= 0
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         report_to=args.report_to, run_name=args.run_name,
         disable_tqdm=False,  # a progress bar with the step count and time left (quiet library logs would hide it)
         dataset_num_proc=args.dataset_num_proc,  # the anchor read an undefined num_proc
         use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU
-        tf32=tf32_setting(args), use_liger_kernel=args.use_liger_kernel and gpu and liger_installed(),
+        tf32=args.tf32 if gpu and is_torch_tf32_available() else None,  # asking for TF32 where there is none raises
+        use_liger_kernel=args.use_liger_kernel and gpu and liger_installed(),
     )
 
 
@@ -299,21 +293,19 @@ def main(args: Args) -> dict:
 
 # %% 5. Evaluate: preference accuracy and margin on held-out pairs, plus a few generated answers.
 @torch.no_grad()
-def completion_logp(model, tokenizer, prompt: str, completion: str) -> float:
-    """log p(completion + EOS | prompt), tokenized the way DPOTrainer tokenizes pairs."""
-    start = len(tokenizer(prompt)["input_ids"])
-    ids = torch.tensor([tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]], device=model.device)
-    logps = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, start - 1 : -1].float(), -1)
-    return logps.gather(-1, ids[0, start:, None]).sum().item()
-
-
-@torch.no_grad()
 def evaluate(model, tokenizer, pairs, args: Args, base_logratios: Optional[torch.Tensor] = None):
     """Preference of `model` on held-out pairs: accuracy = share of pairs where the chosen answer is more likely
     than the rejected one, margin = beta * mean log-likelihood gap. Against the base, also DPO's implicit reward.
     Returns the result and the per-pair log-likelihood gaps (the base's are the reference for the trained model)."""
+
+    def logp(prompt: str, answer: str) -> float:  # log p(answer + EOS | prompt), tokenized as DPOTrainer does
+        start = len(tokenizer(prompt)["input_ids"])
+        ids = torch.tensor([tokenizer(prompt + answer)["input_ids"] + [tokenizer.eos_token_id]], device=model.device)
+        logps = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, start - 1 : -1].float(), -1)
+        return logps.gather(-1, ids[0, start:, None]).sum().item()
+
     model.eval()
-    logratios = torch.tensor([completion_logp(model, tokenizer, p, c) - completion_logp(model, tokenizer, p, r)
+    logratios = torch.tensor([logp(p, c) - logp(p, r)
                               for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])])
     result = {"accuracy": (logratios > 0).float().mean().item(), "margin": args.beta * logratios.mean().item(),
               "num_pairs": len(logratios), "generations": []}
@@ -368,7 +360,7 @@ def merge_full_model(args: Args, tokenizer):
 #   both stay in the compute dtype, so that a resumed run goes on in the precision of the run it resumes
 # - Trainer._save_checkpoint, redirected through Trainer._get_output_dir: each checkpoint is written into
 #   OUTPUT_DIR/.saving and renamed once complete, so that a crash while saving leaves none that looks complete
-# - a TrainerCallback's on_step_end and on_save (StopOnSignal): Ctrl-C or SIGTERM becomes the Trainer's own
+# - the trainer is its own TrainerCallback (on_step_end, on_save): Ctrl-C or SIGTERM becomes the Trainer's own
 #   checkpoint at the end of the current step, then an exit that prints the command to resume
 # - DPOTrainer._total_train_tokens: the non-pad tokens trained on in this run, for eval.json (training_figures)
 # - bitsandbytes' Linear4bit.support_avx512bf16_for_cpu, turned off: that CPU repack breaks LoRA gradients
@@ -378,15 +370,14 @@ from trl import DPOTrainer
 from trl.import_utils import is_liger_kernel_available as liger_installed
 
 
-class QLoRADPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer with the LoRA weights in the compute dtype (bf16 on a GPU, fp32 on a CPU), checkpoints that
-    never look complete before they are, and a stop on Ctrl-C or SIGTERM after a checkpoint (the list above)."""
+class QLoRADPOTrainer(DPOTrainer, TrainerCallback):
+    """TRL's DPOTrainer, and its own callback, with the changes the list above names."""
 
     def __init__(self, *args, adapter_dtype: torch.dtype, stop: "StopRequest", **kwargs):
         super().__init__(*args, **kwargs)
-        self.adapter_dtype = adapter_dtype
+        self.adapter_dtype, self.stop, self.stopping = adapter_dtype, stop, False
         self.cast_adapters()
-        self.add_callback(StopOnSignal(self, stop))
+        self.add_callback(self)  # on_step_end and on_save below
 
     def cast_adapters(self):
         for param in self.model.parameters():
@@ -407,16 +398,8 @@ class QLoRADPOTrainer(DPOTrainer):
 
         save_atomically(self.args.output_dir, save, f"checkpoint-{self.state.global_step}")
 
-
-class StopOnSignal(TrainerCallback):
-    """A stop asked for on any process: the Trainer saves a checkpoint at the end of the current step, and the run
-    exits with the command that resumes it."""
-
-    def __init__(self, trainer, stop: "StopRequest"):
-        self.trainer, self.stop, self.stopping = trainer, stop, False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.stopping = self.stop.requested(self.trainer.accelerator)  # the same on every process
+    def on_step_end(self, args, state, control, **kwargs):  # a stop asked for on any process: save, then exit
+        self.stopping = self.stop.requested(self.accelerator)  # the same on every process
         control.should_save = control.should_save or self.stopping
 
     def on_save(self, args, state, control, **kwargs):
@@ -428,26 +411,15 @@ class StopOnSignal(TrainerCallback):
 def training_figures(trainer, checkpoint: Optional[str], train_seconds: float) -> dict:
     """This run's steps, time, tokens and peak memory, and the loss at each logged step, for eval.json."""
     steps = trainer.state.global_step
-    steps_this_run = steps - (read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"]
+    steps_this_run = steps - (json.loads(pathlib.Path(checkpoint, "trainer_state.json").read_text())["global_step"]
                               if checkpoint else 0)
     return {"train_seconds": round(train_seconds, 2), "steps": steps, "steps_this_run": steps_this_run,
-            "seconds_per_step": round(train_seconds / max(steps_this_run, 1), 4),
             "train_tokens": trainer._total_train_tokens,  # non-pad tokens of chosen and rejected, this run
             "tokens_per_second": round(trainer._total_train_tokens / train_seconds, 1),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if torch.cuda.is_available() else None,
             "train_log": [{key: entry[key] for key in ("step", "loss", "grad_norm") if key in entry}
                           for entry in trainer.state.log_history if "loss" in entry]}  # step 1's loss: ln 2
-
-
-def guard_cpu_4bit_gradients(model):
-    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights on any eval-mode no-grad forward; a
-    backward after that returns wrong LoRA gradients. Without the repack they stay right."""
-    import bitsandbytes
-
-    for module in model.modules():
-        if isinstance(module, bitsandbytes.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 # %% Appendix B: this script's checks: one paragraph naming the setting to change, as early as the facts are known.
@@ -461,8 +433,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 
-def validate(args: Args):
-    """Before anything is loaded."""
+def validate(args: Args):  # before anything is loaded
     positive = ["max_prompt_length", "max_length", "max_steps", "learning_rate", "beta", "lora_r", "lora_alpha",
                 "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "logging_steps", "max_eval_samples", "max_train_samples"]
@@ -530,6 +501,7 @@ import importlib.util
 import json
 import math
 import netrc
+import pathlib
 import re
 import shlex
 import shutil
@@ -646,14 +618,12 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     """The checkpoint to resume from, or None. A finished run (eval.json or a saved model) or an unfinished one
     (checkpoints) is never overwritten silently; the settings are recorded for a resume to be checked against."""
     directory, latest = args.output_dir, get_last_checkpoint(args.output_dir)
-    evaluated, saved_model = os.path.exists(os.path.join(directory, "eval.json")), saved_model_files(directory)
-    finished = "a finished run (eval.json and the trained model)" if evaluated else \
-        f"a trained model ({saved_model[0]}) whose evaluation was not written" if saved_model else ""
+    finished = ", ".join(finished_run_files(directory))
     if finished and args.resume and not args.overwrite_output_dir:  # it would train again over the finished model
-        source = "one of its checkpoints" if latest else "a checkpoint (it kept none: --save_steps)"
-        fail(f"--output_dir {directory!r} holds {finished}: resuming from {source} would train again over it. Nothing "
-             f"was changed. Choose another --output_dir, or add --overwrite_output_dir to replace the finished model "
-             f"(without --resume: start over).")
+        fail(f"--output_dir {directory!r} holds a finished run ({finished}): resuming from "
+             f"{'one of its checkpoints' if latest else 'a checkpoint (it kept none: --save_steps)'} would train "
+             f"again over it. Nothing was changed. Choose another --output_dir, or add --overwrite_output_dir to "
+             f"replace the finished model (without --resume: start over).")
     if args.resume:
         checkpoint = latest if args.resume == "latest" else args.resume
         if not checkpoint:
@@ -666,7 +636,8 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
                  f"or --resume {inside or 'with a checkpoint-N path'}.")
         check_resume_settings(args, checkpoint)
     elif (finished or latest) and not args.overwrite_output_dir:
-        what = finished or f"checkpoints of an unfinished run (the latest: {os.path.basename(latest)})"
+        what = f"a finished run ({finished})" if finished else \
+            f"checkpoints of an unfinished run (the latest: {os.path.basename(latest)})"
         fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
              f"another --output_dir, {'' if finished else 'continue it with --resume, '}or pass "
              f"--overwrite_output_dir to start over (its eval.json, saved models and checkpoints are deleted).")
@@ -685,8 +656,9 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     return checkpoint if args.resume else None
 
 
-def saved_model_files(directory: str) -> list:  # by the names save_pretrained gives them
-    pattern = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+def finished_run_files(directory: str) -> list:  # eval.json, and the model by the names save_pretrained gives it
+    pattern = re.compile(r"eval\.json|(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+                         r"(\.index\.json)?")
     return sorted(name for name in os.listdir(directory) if pattern.fullmatch(name))
 
 
@@ -695,7 +667,7 @@ def delete_finished_run(args) -> str:
     sources = [os.path.realpath(value) for name, value in vars(args).items()
                if name != "output_dir" and isinstance(value, str) and value and os.path.exists(value)]
     kept = []
-    for name in ["eval.json", *saved_model_files(args.output_dir), "value_model", "merged"]:
+    for name in [*finished_run_files(args.output_dir), "value_model", "merged"]:
         path = os.path.realpath(os.path.join(args.output_dir, name))
         if name != "eval.json" and any(path == source or (os.path.isfile(path) and os.path.dirname(path) == source)
                                        or source.startswith(path + os.sep) for source in sources):
@@ -710,24 +682,18 @@ def delete_finished_run(args) -> str:
 def check_resume_settings(args, checkpoint: str):
     """Each of RESUME_MUST_MATCH as the run that wrote `checkpoint` had it (its output dir's settings.json)."""
     path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "settings.json")
-    saved = read_json(path) if os.path.exists(path) else {}
+    saved = json.loads(pathlib.Path(path).read_text()) if os.path.exists(path) else {}
     now = {**vars(args), "num_processes": PartialState().num_processes}  # each process takes its own batch
 
     def comparable(settings: dict, name: str):  # the tiny preset's paths lie in its assets dir, wherever that is
         value, assets = settings[name], settings.get("tiny_assets_dir")
         return value.replace(assets, "{tiny}") if isinstance(value, str) and assets else value
 
-    changed = [f"--{name} {saved[name]} -> {now[name]}" for name in (*RESUME_MUST_MATCH, "num_processes")
-               if name in saved and comparable(saved, name) != comparable(now, name)]
-    if changed:
+    if changed := [f"--{name} {saved[name]} -> {now[name]}" for name in (*RESUME_MUST_MATCH, "num_processes")
+                   if name in saved and comparable(saved, name) != comparable(now, name)]:
         fail(f"--resume {checkpoint!r}: the run that wrote it was trained with other settings ({'; '.join(changed)}), "
              f"and a resumed run ends where that run would only with the same ones. Nothing was loaded. Set them "
              f"back, or start a new run in another --output_dir.")
-
-
-def read_json(path: str) -> dict:
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def write_json(path: str, data: dict):  # through a temporary file: a crash never leaves half of one
@@ -759,7 +725,7 @@ def save_atomically(directory: str, save, what: str, everyone: bool = True):
         raise SystemExit(1)  # the main process says why
     if errors:
         shutil.rmtree(staging, ignore_errors=True)
-        latest, trained = get_last_checkpoint(directory), saved_model_files(directory)
+        latest, trained = get_last_checkpoint(directory), finished_run_files(directory)
         then = resume_command(latest) if latest and not trained else ""
         kept = "the trained model" if trained else f"checkpoints up to {os.path.basename(latest)}" if latest else "none"
         fail(f"Could not save {what} in {directory!r}: {errors[0]} ({shutil.disk_usage(directory).free / 2**20:.0f} "
@@ -884,10 +850,6 @@ def log_evaluation(args, summary: dict, table: str, rows: list, columns: list):
 
 def on_gpu(args) -> bool:
     return args.device != "cpu" and torch.cuda.is_available()
-
-
-def tf32_setting(args) -> Optional[bool]:  # asking for TF32 where there is none raises
-    return args.tf32 if on_gpu(args) and is_torch_tf32_available() else None
 # </shared plumbing>
 
 

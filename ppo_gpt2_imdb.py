@@ -100,8 +100,7 @@ class Args:
     sample_every: int = arg(10, "log a table of (prompt, response, reward) samples every N PPO updates; 0: never")
     save_steps: int = arg(50, "save a resumable checkpoint every N PPO updates; 0: none (Ctrl-C still saves one)")
     resume: Optional[str] = arg(None, "continue from a checkpoint: 'latest' (bare --resume) or a checkpoint dir")
-    overwrite_output_dir: bool = arg(False, "start over in an output dir that holds a finished or unfinished run "
-                                     "(its eval.json, saved models and checkpoints are deleted)")
+    overwrite_output_dir: bool = arg(False, "start over: delete the output dir's eval.json, models and checkpoints")
     save_value_model: bool = arg(True, "also save the value model (to OUTPUT_DIR/value_model)")
 
     # System and speed (the last three: the GPU layout, used on a GPU only)
@@ -133,9 +132,10 @@ def load_reviews(args: Args, split: str, setting: str):  # keeping reviews longe
     dataset = dataset.filter(lambda review: isinstance(review, str) and review.strip() != "", input_columns="review")
     no_text = read - len(dataset)
     dataset = dataset.filter(lambda review: len(review) > args.min_review_chars, input_columns="review")
-    PartialState().print(f"{split}: kept {len(dataset)} of {read} reviews; dropped {no_text} with no text and "
-                         f"{read - no_text - len(dataset)} of --min_review_chars {args.min_review_chars} or fewer")
-    check_reviews_left(args, dataset, split, no_text == read)
+    counts = (f"dropped {no_text} with no text and {read - no_text - len(dataset)} of --min_review_chars "
+              f"{args.min_review_chars} or fewer")
+    PartialState().print(f"{split}: kept {len(dataset)} of {read} reviews; {counts}")
+    check_reviews_left(args, split, counts, len(dataset))
     return dataset
 
 
@@ -222,7 +222,7 @@ def build_ppo_config(args: Args, eval_size: int) -> PPOConfig:
         disable_tqdm=False,  # a progress bar with the step count and time left (quiet library logs would hide it)
         dataset_num_proc=args.dataset_num_proc, use_cpu=not gpu,
         bf16=gpu and torch.cuda.is_bf16_supported(),  # TrainingArguments refuses bf16 on CPU; TRL's PPO ignores it
-        tf32=tf32_setting(args),
+        tf32=args.tf32 if gpu and is_torch_tf32_available() else None,  # asking for TF32 where there is none raises
     )
 
 
@@ -438,7 +438,7 @@ class SentimentPPOTrainer(PPOTrainer):
         self.checkpoints = Checkpoints(self, settings, stop)  # registers the schedule with accelerate's save_state
         if checkpoint:
             self.accelerator.load_state(checkpoint)  # weights, optimizer, schedule and every RNG
-            self.checkpoints.resumed = read_json(os.path.join(checkpoint, "counters.json"))
+            self.checkpoints.resumed = json.loads(pathlib.Path(checkpoint, "counters.json").read_text())
             self.updates_done = self.checkpoints.resumed["global_step"]
             self.args.num_total_batches = self.total_updates - self.updates_done  # TRL's loop runs this many
         self.callback_handler.callbacks.insert(0, self.checkpoints)  # first: the progress bar sees restored counters
@@ -639,15 +639,10 @@ def check_text_column(args: Args, dataset, split: str):
              f"{', '.join(dataset.column_names)}). Set --text_column to the column holding the review text.")
 
 
-def check_reviews_left(args: Args, dataset, split: str, none_had_text: bool):
-    if none_had_text:
-        columns = [name if name != "review" else args.text_column for name in dataset.column_names]
-        fail(f"No row of the '{split}' split of '{args.dataset_name}' has text in its '{args.text_column}' column "
-             f"(--text_column). Set --text_column to the column holding the review text (the split has: "
-             f"{', '.join(columns)}).")
-    if len(dataset) == 0:
-        fail(f"No review in the '{split}' split of '{args.dataset_name}' is longer than --min_review_chars "
-             f"({args.min_review_chars}). Lower --min_review_chars or use another dataset.")
+def check_reviews_left(args: Args, split: str, counts: str, kept: int):
+    if kept == 0:
+        fail(f"No review is left in the '{split}' split of '{args.dataset_name}': {counts}. Set --text_column to the "
+             f"column holding the review text ('{args.text_column}' now), or lower --min_review_chars.")
 
 
 def check_held_out_reviews(args: Args, left: int):
@@ -694,6 +689,7 @@ import importlib.util
 import json
 import math
 import netrc
+import pathlib
 import re
 import shlex
 import shutil
@@ -810,14 +806,12 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     """The checkpoint to resume from, or None. A finished run (eval.json or a saved model) or an unfinished one
     (checkpoints) is never overwritten silently; the settings are recorded for a resume to be checked against."""
     directory, latest = args.output_dir, get_last_checkpoint(args.output_dir)
-    evaluated, saved_model = os.path.exists(os.path.join(directory, "eval.json")), saved_model_files(directory)
-    finished = "a finished run (eval.json and the trained model)" if evaluated else \
-        f"a trained model ({saved_model[0]}) whose evaluation was not written" if saved_model else ""
+    finished = ", ".join(finished_run_files(directory))
     if finished and args.resume and not args.overwrite_output_dir:  # it would train again over the finished model
-        source = "one of its checkpoints" if latest else "a checkpoint (it kept none: --save_steps)"
-        fail(f"--output_dir {directory!r} holds {finished}: resuming from {source} would train again over it. Nothing "
-             f"was changed. Choose another --output_dir, or add --overwrite_output_dir to replace the finished model "
-             f"(without --resume: start over).")
+        fail(f"--output_dir {directory!r} holds a finished run ({finished}): resuming from "
+             f"{'one of its checkpoints' if latest else 'a checkpoint (it kept none: --save_steps)'} would train "
+             f"again over it. Nothing was changed. Choose another --output_dir, or add --overwrite_output_dir to "
+             f"replace the finished model (without --resume: start over).")
     if args.resume:
         checkpoint = latest if args.resume == "latest" else args.resume
         if not checkpoint:
@@ -830,7 +824,8 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
                  f"or --resume {inside or 'with a checkpoint-N path'}.")
         check_resume_settings(args, checkpoint)
     elif (finished or latest) and not args.overwrite_output_dir:
-        what = finished or f"checkpoints of an unfinished run (the latest: {os.path.basename(latest)})"
+        what = f"a finished run ({finished})" if finished else \
+            f"checkpoints of an unfinished run (the latest: {os.path.basename(latest)})"
         fail(f"--output_dir {directory!r} holds {what}; a new run would overwrite it. Nothing was changed. Choose "
              f"another --output_dir, {'' if finished else 'continue it with --resume, '}or pass "
              f"--overwrite_output_dir to start over (its eval.json, saved models and checkpoints are deleted).")
@@ -849,8 +844,9 @@ def prepare_output_dir(args, checkpoint_marker: str) -> Optional[str]:
     return checkpoint if args.resume else None
 
 
-def saved_model_files(directory: str) -> list:  # by the names save_pretrained gives them
-    pattern = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+def finished_run_files(directory: str) -> list:  # eval.json, and the model by the names save_pretrained gives it
+    pattern = re.compile(r"eval\.json|(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+                         r"(\.index\.json)?")
     return sorted(name for name in os.listdir(directory) if pattern.fullmatch(name))
 
 
@@ -859,7 +855,7 @@ def delete_finished_run(args) -> str:
     sources = [os.path.realpath(value) for name, value in vars(args).items()
                if name != "output_dir" and isinstance(value, str) and value and os.path.exists(value)]
     kept = []
-    for name in ["eval.json", *saved_model_files(args.output_dir), "value_model", "merged"]:
+    for name in [*finished_run_files(args.output_dir), "value_model", "merged"]:
         path = os.path.realpath(os.path.join(args.output_dir, name))
         if name != "eval.json" and any(path == source or (os.path.isfile(path) and os.path.dirname(path) == source)
                                        or source.startswith(path + os.sep) for source in sources):
@@ -874,24 +870,18 @@ def delete_finished_run(args) -> str:
 def check_resume_settings(args, checkpoint: str):
     """Each of RESUME_MUST_MATCH as the run that wrote `checkpoint` had it (its output dir's settings.json)."""
     path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "settings.json")
-    saved = read_json(path) if os.path.exists(path) else {}
+    saved = json.loads(pathlib.Path(path).read_text()) if os.path.exists(path) else {}
     now = {**vars(args), "num_processes": PartialState().num_processes}  # each process takes its own batch
 
     def comparable(settings: dict, name: str):  # the tiny preset's paths lie in its assets dir, wherever that is
         value, assets = settings[name], settings.get("tiny_assets_dir")
         return value.replace(assets, "{tiny}") if isinstance(value, str) and assets else value
 
-    changed = [f"--{name} {saved[name]} -> {now[name]}" for name in (*RESUME_MUST_MATCH, "num_processes")
-               if name in saved and comparable(saved, name) != comparable(now, name)]
-    if changed:
+    if changed := [f"--{name} {saved[name]} -> {now[name]}" for name in (*RESUME_MUST_MATCH, "num_processes")
+                   if name in saved and comparable(saved, name) != comparable(now, name)]:
         fail(f"--resume {checkpoint!r}: the run that wrote it was trained with other settings ({'; '.join(changed)}), "
              f"and a resumed run ends where that run would only with the same ones. Nothing was loaded. Set them "
              f"back, or start a new run in another --output_dir.")
-
-
-def read_json(path: str) -> dict:
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def write_json(path: str, data: dict):  # through a temporary file: a crash never leaves half of one
@@ -923,7 +913,7 @@ def save_atomically(directory: str, save, what: str, everyone: bool = True):
         raise SystemExit(1)  # the main process says why
     if errors:
         shutil.rmtree(staging, ignore_errors=True)
-        latest, trained = get_last_checkpoint(directory), saved_model_files(directory)
+        latest, trained = get_last_checkpoint(directory), finished_run_files(directory)
         then = resume_command(latest) if latest and not trained else ""
         kept = "the trained model" if trained else f"checkpoints up to {os.path.basename(latest)}" if latest else "none"
         fail(f"Could not save {what} in {directory!r}: {errors[0]} ({shutil.disk_usage(directory).free / 2**20:.0f} "
@@ -1048,10 +1038,6 @@ def log_evaluation(args, summary: dict, table: str, rows: list, columns: list):
 
 def on_gpu(args) -> bool:
     return args.device != "cpu" and torch.cuda.is_available()
-
-
-def tf32_setting(args) -> Optional[bool]:  # asking for TF32 where there is none raises
-    return args.tf32 if on_gpu(args) and is_torch_tf32_available() else None
 # </shared plumbing>
 
 

@@ -172,8 +172,9 @@ def test_a_finished_dpo_run_without_checkpoints_is_never_overwritten(dpo_assets,
     before = fingerprint(out)
     assert "eval.json" in before and "adapter_model.safetensors" in before
     assert not list(out.glob("checkpoint-*"))
-    stops_with(r"holds a finished run \(eval.json and the trained model\); a new run would overwrite it. Nothing was "
-               r"changed.*--overwrite_output_dir", run_tiny, dpo, dpo_assets, out, *DPO_RUN, "--save_steps", "0")
+    stops_with(r"holds a finished run \(adapter_model.safetensors, eval.json\); a new run would overwrite it. "
+               r"Nothing was changed.*--overwrite_output_dir", run_tiny, dpo, dpo_assets, out, *DPO_RUN,
+               "--save_steps", "0")
     assert fingerprint(out) == before
     stops_with(r"holds a finished run .*resuming from a checkpoint \(it kept none: --save_steps\).* Nothing was "
                r"changed", run_tiny, dpo, dpo_assets, out, *DPO_RUN, "--resume")

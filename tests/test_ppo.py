@@ -126,13 +126,15 @@ def test_missing_text_column_empty_dataset_and_missing_split_are_explained(ppo_a
     stops_with(r"no 'body' column \(it has: text, label\).*--text_column", ppo.load_prompts, args,
                ppo.load_policy_tokenizer(args))
     args = tiny_args(ppo_assets, tmp_path, "--min_review_chars", "100000")
-    stops_with("No review .* longer than --min_review_chars", ppo.load_prompts, args, ppo.load_policy_tokenizer(args))
+    stops_with(r"No review is left in the 'train' split .*: dropped 0 with no text and \d+ of --min_review_chars "
+               r"100000 or fewer\. .*or lower --min_review_chars", ppo.load_prompts, args,
+               ppo.load_policy_tokenizer(args))
     args = tiny_args(ppo_assets, tmp_path, "--dataset_eval_split", "validation")
     stops_with(r"Unknown split \"validation\".*Check --dataset_name and --dataset_eval_split", ppo.load_prompts,
                args, ppo.load_policy_tokenizer(args))
     args = tiny_args(ppo_assets, tmp_path, "--text_column", "label")  # a column, but not of text: all dropped
-    stops_with(r"No row of the 'train' split .* has text in its 'label' column \(--text_column\). Set --text_column "
-               r"to the column holding the review text \(the split has: text, label\)", ppo.load_prompts, args,
+    stops_with(r"No review is left in the 'train' split .*: dropped \d+ with no text and 0 .* Set --text_column to the "
+               r"column holding the review text \('label' now\)", ppo.load_prompts, args,
                ppo.load_policy_tokenizer(args))
     args = tiny_args(ppo_assets, tmp_path, "--dataset_eval_split", "train")  # used to crash in select_columns
     stops_with(r"No held-out review is left: every review of the 'train' split \(--dataset_eval_split\) is also in "
@@ -655,7 +657,7 @@ def test_a_finished_or_unfinished_run_is_never_overwritten_silently(ppo_assets, 
     assert fingerprint(out) == before
     os.remove(out / "eval.json")  # as if stopped while evaluating: the trained model is saved, and stays
     for extra in ([], ["--resume"]):
-        stops_with(r"holds a trained model \(model.safetensors\) whose evaluation was not written.* Nothing was "
+        stops_with(r"holds a finished run \(model.safetensors\)[:;] .* Nothing was "
                    r"changed", run_tiny, ppo, ppo_assets, out, "--total_episodes", "128", "--num_eval_prompts", "8",
                    *extra)
         assert fingerprint(out) == {name: digest for name, digest in before.items() if name != "eval.json"}
@@ -821,7 +823,7 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_saved_model_and_exits_130(
     assert (out / "model.safetensors").exists() and not (out / "eval.json").exists()
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
     before = fingerprint(out)  # a rerun into it used to train and replace the model without a word
-    stops_with(r"holds a trained model \(model.safetensors\) whose evaluation was not written", run_tiny, ppo,
+    stops_with(r"holds a finished run \(model.safetensors\)", run_tiny, ppo,
                ppo_assets, out, "--total_episodes", "32")
     assert fingerprint(out) == before
 

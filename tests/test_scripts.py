@@ -224,7 +224,7 @@ def test_starting_over_keeps_the_models_this_run_loads_and_files_that_are_not_a_
     (out / "eval.json").unlink(missing_ok=True)
     for name in kept:
         (out / name).unlink() if (out / name).is_file() else shutil.rmtree(out / name)
-    assert module.saved_model_files(str(out)) == []  # the backup alone: no finished run here
+    assert module.finished_run_files(str(out)) == []  # the backup alone: no finished run here
     assert module.prepare_output_dir(module.parse_args(["--output_dir", str(out)]), marker) is None
 
 
