@@ -233,8 +233,7 @@ def build_dpo_config(args: Args) -> DPOConfig:
 
 
 # %% 4. Train: the recipe in order. main() runs every stage; 5 and 6 are the functions below it.
-def main(args: Args) -> dict:
-    """Train and evaluate as `args` says; returns what eval.json holds."""
+def main(args: Args) -> dict:  # trains and evaluates as `args` says; returns what eval.json holds
     started = time.time()
     validate(args)  # 0. Before anything is loaded: settings that cannot work, finished runs, seed and tracker
     with StopRequest() as stop:  # Ctrl-C or SIGTERM, from here to the end: see Appendix C
@@ -445,8 +444,7 @@ def validate(args: Args):  # before anything is loaded
         fail(f"--lora_target_modules names no module (got {args.lora_target_modules!r}): give the comma-separated "
              f"names of the linear layers LoRA adapts, such as {Args.lora_target_modules}.")
     for name, known in (("lr_scheduler_type", SchedulerType), ("optim", OptimizerNames)):
-        choices = [choice.value for choice in known]
-        if getattr(args, name) not in choices:
+        if getattr(args, name) not in (choices := [choice.value for choice in known]):
             fail(f"--{name} {getattr(args, name)!r} is not one transformers knows. It takes: {', '.join(choices)}.")
     if args.max_prompt_length >= args.max_length:
         fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}): "
@@ -519,8 +517,7 @@ hub_logging.set_verbosity_error()  # the hub client's retry lines: a load that f
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """`Args` from flags, which win over a preset, which wins over the constants in `Args`. In a notebook the command
-    line is the kernel's own: the constants as edited are used."""
+    """`Args`: flags win over a preset, a preset over the constants. A notebook ignores its kernel's argv."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
     parser = HfArgumentParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     parser.error = lambda message: fail(f"{message}. `python {SCRIPT} --help` lists every setting.")
@@ -556,8 +553,7 @@ def looks_local(name: str) -> bool:  # a hub id is NAME or OWNER/NAME
 
 
 def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
-    """`load(name)`; a missing path, a gated repo, an unreachable hub or a broken file: one paragraph, in which the
-    library's own message (transformers' and datasets' say what went wrong) names the setting to change."""
+    """`load(name)`, or one paragraph naming the setting, with the library's own message of what went wrong."""
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         fail(f"--{setting}={name!r} looks like a local path, but nothing exists there.")
     try:
@@ -807,9 +803,8 @@ class StopRequest:
 
 
 def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
-    """This run's command line, resuming from `checkpoint`: launched the same way (as many processes, and a line on
-    what the script cannot know), without its own --resume (bare, with a value or =PATH) and --overwrite_output_dir,
-    which would delete the checkpoints."""
+    """This run's command line, launched the same way (as many processes), resuming from `checkpoint`: without its
+    own --resume (bare, with a value or =PATH) and --overwrite_output_dir, which would delete the checkpoints."""
     argv, dropped = list(sys.argv[1:] if argv is None else argv), ("--resume", "--overwrite_output_dir")
     kept = [token for i, token in enumerate(argv) if token.split("=", 1)[0] not in dropped
             and not (i and argv[i - 1] in dropped and not token.startswith("--"))]
@@ -823,8 +818,7 @@ def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
 
 
 def prepare_tracking(args):
-    """wandb's project and entity; without credentials (WANDB_API_KEY, or ~/.netrc as `wandb login` writes it)
-    wandb logs offline, and one line says so, instead of asking for a login."""
+    """wandb's project and entity; without credentials (WANDB_API_KEY, ~/.netrc) it logs offline, and says so."""
     if args.report_to != "wandb":
         return
     os.environ["WANDB_PROJECT"] = args.wandb_project  # read by transformers' wandb callback
@@ -946,8 +940,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
         optimizer.zero_grad()
     model.save_pretrained(os.path.join(directory, "llama"))
     tokenizer.save_pretrained(os.path.join(directory, "llama"))
-    with open(marker, "w") as handle:
-        handle.write(f"built in {time.time() - started:.1f}s\n")
+    write_json(marker, {"built_in_seconds": round(time.time() - started, 1)})
     print(f"Built a tiny Llama and preference set in {directory} ({time.time() - started:.1f}s)")
 
 

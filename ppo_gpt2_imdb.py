@@ -157,11 +157,10 @@ def load_prompts(args: Args, tokenizer):
     eval_reviews = load_reviews(args, args.dataset_eval_split, "dataset_eval_split")
     seen = set(train_reviews["review"])
     eval_reviews = eval_reviews.filter(lambda review: review not in seen, input_columns="review")
-    check_held_out_reviews(args, len(eval_reviews))
-    eval_reviews = eval_reviews.shuffle(seed=args.seed).select(range(min(args.num_eval_prompts, len(eval_reviews))))
     train_prompts = make_prompts(train_reviews, tokenizer, args, seed=args.seed)
+    check_prompts(args, held_out=len(eval_reviews), prompts=len(train_prompts))
+    eval_reviews = eval_reviews.shuffle(seed=args.seed).select(range(min(args.num_eval_prompts, len(eval_reviews))))
     eval_prompts = make_prompts(eval_reviews, tokenizer, args, seed=args.seed + 1)
-    check_enough_prompts(args, len(train_prompts))
     PartialState().print(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held-out prompts")
     return train_prompts, eval_prompts
 
@@ -227,8 +226,7 @@ def build_ppo_config(args: Args, eval_size: int) -> PPOConfig:
 
 
 # %% 4. Train: the recipe in order. main() runs every stage; 5 and 6 are the functions below it.
-def main(args: Args) -> dict:
-    """Train and evaluate as `args` says; returns what eval.json holds."""
+def main(args: Args) -> dict:  # trains and evaluates as `args` says; returns what eval.json holds
     started = time.time()
     # 0. Before anything is loaded: refuse settings that cannot work, protect finished runs, seed, pick the tracker.
     validate(args)
@@ -288,33 +286,29 @@ def main(args: Args) -> dict:
 
 
 # %% 5. Evaluate: sample responses to the held-out prompts, score them with the classifier, estimate the KL.
-@torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[list[int]], args: Args, seed: int) -> list[list[int]]:
-    """One sampled response per prompt (the rollouts' sampling: top_k=0, top_p=1), cut after the first EOS."""
-    device = next(model.parameters()).device
+    """One sampled response per prompt (the rollouts' sampling: top_k=0, top_p=1), up to its first EOS."""
     responses = []
     # Same seed for reference and trained policy (a paired comparison), without disturbing training's RNG.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), args.eval_batch_size):
             batch = tokenizer.pad({"input_ids": prompts[start : start + args.eval_batch_size]},
-                                  return_tensors="pt").to(device)
+                                  return_tensors="pt").to(model.device)
             output = model.generate(**batch, max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=1.0,
                                     temperature=args.temperature, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
+                                    eos_token_id=tokenizer.eos_token_id)  # pads each row after its first EOS
             for row in output[:, batch["input_ids"].shape[1] :].tolist():
-                end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-                responses.append([token for token in row[:end] if token != tokenizer.pad_token_id])
+                responses.append([token for token in row if token != tokenizer.pad_token_id])
     return responses
 
 
 @torch.no_grad()
 def response_logprobs(model, prompts, responses, temperature: float) -> torch.Tensor:
     """Sum over each response of log p(token | prompt, earlier tokens), at the sampling temperature."""
-    device = next(model.parameters()).device
     totals = []
     for prompt, response in zip(prompts, responses):
-        ids = torch.tensor([prompt + response], device=device)
+        ids = torch.tensor([prompt + response], device=model.device)
         logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature
         totals.append(torch.log_softmax(logits.float(), -1).gather(-1, ids[0, len(prompt) :, None]).sum())
     return torch.stack(totals).cpu() if totals else torch.zeros(0)
@@ -346,15 +340,14 @@ def report(reference: dict, trained: dict, args: Args):
     for name, result in (("reference", reference), ("trained", trained)):
         print(f"{name:10} {result['reward_mean']:12.3f} {result['reward_median']:14.3f} "
               f"{result['kl_to_reference']:10.3f}")
-    for ref_sample, new_sample in list(zip(reference["samples"], trained["samples"]))[:5]:
-        print(f"\nprompt:    {ref_sample['prompt']!r}")
-        print(f"reference: {ref_sample['response']!r}  [{ref_sample['reward']:+.2f}]")
-        print(f"trained:   {new_sample['response']!r}  [{new_sample['reward']:+.2f}]")
+    rows = [[r["prompt"], r["response"], r["reward"], t["response"], t["reward"]]
+            for r, t in zip(reference["samples"], trained["samples"])]
+    for prompt, ref_response, ref_reward, response, reward in rows[:5]:
+        print(f"\nprompt:    {prompt!r}\nreference: {ref_response!r}  [{ref_reward:+.2f}]")
+        print(f"trained:   {response!r}  [{reward:+.2f}]")
     print("=======================================================================\n")
     summary = {f"eval/{name}/{key}": result[key] for name, result in (("reference", reference), ("trained", trained))
                for key in ("reward_mean", "reward_median", "reward_std", "kl_to_reference")}
-    rows = [[r["prompt"], r["response"], r["reward"], t["response"], t["reward"]]
-            for r, t in zip(reference["samples"], trained["samples"])]
     log_evaluation(args, summary, "eval/samples", rows,
                    ["prompt", "reference response", "reference reward", "trained response", "trained reward"])
 
@@ -364,13 +357,14 @@ def report(reference: dict, trained: dict, args: Args):
 # - the module globals `gc` and `empty_cache` of trl.experimental.ppo.ppo_trainer, swapped while `train` runs: TRL
 #   collects garbage twice and empties the CUDA cache about ten times per update, which costs GPT-2 more than it saves
 # - the trainer's `dataloader`: a resumable batch order (TRL reshuffles from the global RNG and cannot resume);
-#   `args.num_total_batches` shortened on resume; a callback saves checkpoints and stops on a signal
+#   `args.num_total_batches` shortened on resume; the trainer, its own callback, saves checkpoints and stops
 # - `log`, `generate_completions`, `sample_generations_freq`: episodes per second of this run, logging every
 #   logging_steps, sample tables every N updates without shifting training's RNG
 # - ACCELERATE_MIXED_PRECISION while TRL builds its Accelerator (it passes none): bf16 autocast in the PPO epochs
 # - on a GPU, the policy's `generate` while training (rollouts decode into one static cache) and the forward of
 #   TRL's policy-and-value wrapper (compiled, after one eager call)
 # - save_outputs: not TRL's save_model, which fails with several processes
+import itertools
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
@@ -381,11 +375,11 @@ from trl.experimental.ppo import ppo_trainer as trl_ppo_module
 
 
 class SentimentReward(torch.nn.Module):
-    """The classifier's logit for one label, behind TRL's reward-model interface: TRL calls
-    `score(getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=..., ...).hidden_states[-1])`.
-    The backbone decodes policy ids to text and classifies it with the classifier's own tokenizer."""
+    """The classifier's logit for one label, behind TRL's reward-model interface: TRL calls `score(getattr(model,
+    model.base_model_prefix)(input_ids=..., attention_mask=..., ...).hidden_states[-1])`."""
 
     base_model_prefix = "backbone"
+    backbone = property(lambda self: self)  # what TRL calls: this module, which decodes and classifies
 
     def __init__(self, classifier, classifier_tokenizer, policy_tokenizer, label_index: int, batch_size: int):
         super().__init__()
@@ -393,10 +387,6 @@ class SentimentReward(torch.nn.Module):
         self.classifier_tokenizer, self.policy_tokenizer = classifier_tokenizer, policy_tokenizer
         self.label_index, self.batch_size = label_index, batch_size
         self.score = torch.nn.Identity()
-
-    @property
-    def backbone(self):
-        return self
 
     @torch.no_grad()
     def score_texts(self, texts: list[str]) -> torch.Tensor:
@@ -422,26 +412,25 @@ class SentimentReward(torch.nn.Module):
         return SimpleNamespace(hidden_states=(scores.view(-1, 1, 1).expand(-1, input_ids.shape[1], 1),))
 
 
-class SentimentPPOTrainer(PPOTrainer):
-    """TRL's PPO trainer with what the list above says: faithful resume (weights, optimizer, schedule, RNG,
-    counters, data position), a stop after the current update, sample tables every `sample_every` updates, and on
-    a GPU static-cache rollouts and compiled PPO epochs under bf16 autocast."""
+class SentimentPPOTrainer(PPOTrainer, TrainerCallback):
+    """TRL's PPO trainer with the workarounds listed above: resume, stop, sample tables and the GPU layout. It is its
+    own first callback: it saves checkpoints, and restores the counters that TRL's loop resets when it starts."""
 
     def __init__(self, *args, settings: Args, checkpoint: Optional[str], stop: "StopRequest", **kwargs):
         bf16 = settings.bf16_autocast and on_gpu(settings) and torch.cuda.is_bf16_supported()
         with patch_environment(ACCELERATE_MIXED_PRECISION="bf16") if bf16 else nullcontext():  # for this trainer only
             super().__init__(*args, **kwargs)
         self.settings, self.gpu_layout = settings, on_gpu(settings)  # static cache and compilation need a GPU
-        if settings.sample_every > 0:
-            self.sample_generations_freq = settings.sample_every  # TRL spreads a fixed count; we want every N
+        self.sample_generations_freq = settings.sample_every  # TRL spreads a fixed count; we want every N
         self.total_updates, self.updates_done = self.args.num_total_batches, 0
-        self.checkpoints = Checkpoints(self, settings, stop)  # registers the schedule with accelerate's save_state
+        self.stop, self.resumed = stop, None  # resumed: the counters of the checkpoint this run continues from
+        self.accelerator.register_for_checkpointing(self.lr_scheduler)  # the schedule, in accelerate's save_state
         if checkpoint:
             self.accelerator.load_state(checkpoint)  # weights, optimizer, schedule and every RNG
-            self.checkpoints.resumed = json.loads(pathlib.Path(checkpoint, "counters.json").read_text())
-            self.updates_done = self.checkpoints.resumed["global_step"]
+            self.resumed = json.loads(pathlib.Path(checkpoint, "counters.json").read_text())
+            self.updates_done = self.resumed["global_step"]
             self.args.num_total_batches = self.total_updates - self.updates_done  # TRL's loop runs this many
-        self.callback_handler.callbacks.insert(0, self.checkpoints)  # first: the progress bar sees restored counters
+        self.callback_handler.callbacks.insert(0, self)  # first: the progress bar sees restored counters
         padded = self.gpu_layout and (settings.compile_ppo_epochs or settings.static_cache_generation)
         collator = DataCollatorWithPadding(self.processing_class, padding="max_length" if padded else True,
                                            max_length=settings.prompt_max_tokens if padded else None)  # one shape
@@ -476,11 +465,10 @@ class SentimentPPOTrainer(PPOTrainer):
 
     def log(self, logs: dict, *args, **kwargs):
         if "objective/scores" in logs:  # TRL logs once per update, right after the PPO epochs
-            if self.checkpoints.resumed and self.state.episode:  # TRL divides every episode, those of the run
-                done = self.checkpoints.resumed["episode"]  # resumed too, by this run's time: 5x too high at first
+            if self.resumed and self.state.episode:  # TRL divides every episode, those of the run
+                done = self.resumed["episode"]  # resumed too, by this run's time: 5x too high at first
                 logs["eps"] = int(logs.get("eps", 0) * (self.state.episode - done) / self.state.episode)
-            update = self.state.global_step
-            if update % self.args.logging_steps and update != self.total_updates:
+            if self.state.global_step % self.args.logging_steps and self.state.global_step != self.total_updates:
                 return  # TRL logs every update, whatever logging_steps says; the last update is always logged
         super().log(logs, *args, **kwargs)
 
@@ -488,6 +476,31 @@ class SentimentPPOTrainer(PPOTrainer):
         # Sample tables must not shift training's random numbers (a resumed run would diverge from the original).
         with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
             super().generate_completions(sampling)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.resumed:
+            state.global_step, state.episode = self.resumed["global_step"], self.resumed["episode"]
+            state.max_steps = self.resumed["global_step"] + args.num_total_batches
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Every `save_steps` updates and on a stop request, what a faithful continuation needs: policy and value
+        model, optimizer, schedule, every RNG (accelerate's save_state), and the update and episode counters. TRL's
+        PPO loop has no stop flag: a stop exits here, after the save."""
+        accelerator, step = self.accelerator, state.global_step
+        stopping = self.stop.requested(accelerator)
+        if not stopping and not (self.settings.save_steps and step % self.settings.save_steps == 0):
+            return
+        name = f"checkpoint-{step}"
+
+        def save(staging: str):
+            accelerator.save_state(os.path.join(staging, name), safe_serialization=False)  # GPT-2 ties two weights
+            if accelerator.is_main_process:
+                write_json(f"{staging}/{name}/counters.json", {"global_step": step, "episode": state.episode})
+
+        save_atomically(self.settings.output_dir, save, name)
+        if stopping:
+            self.stop.exit_after_checkpoint(f"after update {step} of {state.max_steps}",
+                                            os.path.join(self.settings.output_dir, name))
 
 
 class ResumableBatches:
@@ -499,52 +512,15 @@ class ResumableBatches:
         self.updates_per_epoch = len(dataset) // (batch_size * world_size)
 
     def __iter__(self):
-        update = self.first_update
-        while True:
+        for update in itertools.count(self.first_update):
             epoch, index = divmod(update, self.updates_per_epoch)
             order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
             start = (index * self.world_size + self.rank) * self.batch_size
             yield self.collator([self.dataset[i] for i in order[start : start + self.batch_size].tolist()])
-            update += 1
-
-
-class Checkpoints(TrainerCallback):
-    """Every `save_steps` updates and on a stop request, what a faithful continuation needs: policy and value model,
-    optimizer, schedule, every RNG (accelerate's save_state), and the update and episode counters, which TRL's loop
-    resets when it starts and this restores. TRL's PPO loop has no stop flag: a stop exits here, after the save."""
-
-    def __init__(self, trainer, args: Args, stop: "StopRequest"):
-        self.trainer, self.args, self.stop = trainer, args, stop
-        self.resumed: Optional[dict] = None  # the counters of the checkpoint this run continues from
-        trainer.accelerator.register_for_checkpointing(trainer.lr_scheduler)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.resumed:
-            state.global_step, state.episode = self.resumed["global_step"], self.resumed["episode"]
-            state.max_steps = self.resumed["global_step"] + args.num_total_batches
-
-    def on_step_end(self, args, state, control, **kwargs):
-        accelerator, step = self.trainer.accelerator, state.global_step
-        stopping = self.stop.requested(accelerator)
-        if not stopping and not (self.args.save_steps and step % self.args.save_steps == 0):
-            return
-        name = f"checkpoint-{step}"
-
-        def save(staging: str):
-            accelerator.save_state(os.path.join(staging, name), safe_serialization=False)  # GPT-2 ties two weights
-            if accelerator.is_main_process:
-                counters = {"global_step": step, "episode": state.episode}
-                write_json(os.path.join(staging, name, "counters.json"), counters)
-
-        save_atomically(self.args.output_dir, save, name)
-        if stopping:
-            self.stop.exit_after_checkpoint(f"after update {step} of {state.max_steps}",
-                                            os.path.join(self.args.output_dir, name))
 
 
 def save_outputs(trainer, tokenizer, args: Args):
-    """Policy + tokenizer (AutoModelForCausalLM.from_pretrained loads them) and the value model. Not TRL 1.12's
-    save_model: with several processes it misses `.policy` on the DDP wrapper and saves the whole wrapper."""
+    """Policy + tokenizer (from_pretrained loads them) and the value model; TRL's save_model saves DDP's wrapper."""
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
 
     def save(staging: str):
@@ -612,7 +588,6 @@ RESUME_MUST_MATCH = ("model_name_or_path", "reward_model_name_or_path", "positiv
 
 
 def validate(args: Args):
-    """Before anything is loaded."""
     positive = ["response_length", "prompt_min_tokens", "batch_size", "num_ppo_epochs", "num_eval_prompts",
                 "learning_rate", "num_mini_batches", "gradient_accumulation_steps", "reward_batch_size", "temperature",
                 "eval_batch_size", "total_episodes", "logging_steps", "cliprange", "cliprange_value"]
@@ -620,11 +595,9 @@ def validate(args: Args):
                  fractions=["gamma", "lam"])
     if args.prompt_max_tokens < args.prompt_min_tokens:
         fail(f"--prompt_max_tokens ({args.prompt_max_tokens}) is below --prompt_min_tokens ({args.prompt_min_tokens}).")
-    if args.batch_size % args.gradient_accumulation_steps:
-        fail(f"--batch_size ({args.batch_size}) must be a multiple of --gradient_accumulation_steps "
-             f"({args.gradient_accumulation_steps}).")
-    if args.batch_size % args.num_mini_batches:
-        fail(f"--batch_size ({args.batch_size}) must be a multiple of --num_mini_batches ({args.num_mini_batches}).")
+    for name in ("gradient_accumulation_steps", "num_mini_batches"):
+        if args.batch_size % getattr(args, name):
+            fail(f"--batch_size ({args.batch_size}) must be a multiple of --{name} ({getattr(args, name)}).")
     if args.num_mini_batches > 1 and args.gradient_accumulation_steps > 1:
         # TRL 1.12 steps the optimizer every `gradient_accumulation_steps` micro-batches counted across the whole
         # rollout batch, so with both > 1 it accumulates over several mini-batches: fewer, larger steps than asked.
@@ -645,14 +618,11 @@ def check_reviews_left(args: Args, split: str, counts: str, kept: int):
              f"column holding the review text ('{args.text_column}' now), or lower --min_review_chars.")
 
 
-def check_held_out_reviews(args: Args, left: int):
-    if left == 0:
+def check_prompts(args: Args, held_out: int, prompts: int):  # reviews left for evaluation, prompts for training
+    if held_out == 0:
         fail(f"No held-out review is left: every review of the '{args.dataset_eval_split}' split "
              f"(--dataset_eval_split) is also in the '{args.dataset_train_split}' split the policy trains on. Set "
              f"--dataset_eval_split to a split of other reviews (IMDB: test).")
-
-
-def check_enough_prompts(args: Args, prompts: int):
     processes = PartialState().num_processes
     if prompts < args.batch_size * processes:
         fail(f"Only {prompts} training prompts remain after filtering, fewer than one --batch_size "
@@ -707,8 +677,7 @@ hub_logging.set_verbosity_error()  # the hub client's retry lines: a load that f
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """`Args` from flags, which win over a preset, which wins over the constants in `Args`. In a notebook the command
-    line is the kernel's own: the constants as edited are used."""
+    """`Args`: flags win over a preset, a preset over the constants. A notebook ignores its kernel's argv."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
     parser = HfArgumentParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     parser.error = lambda message: fail(f"{message}. `python {SCRIPT} --help` lists every setting.")
@@ -744,8 +713,7 @@ def looks_local(name: str) -> bool:  # a hub id is NAME or OWNER/NAME
 
 
 def load_or_explain(load, name: str, setting: str, related: Optional[str] = None):
-    """`load(name)`; a missing path, a gated repo, an unreachable hub or a broken file: one paragraph, in which the
-    library's own message (transformers' and datasets' say what went wrong) names the setting to change."""
+    """`load(name)`, or one paragraph naming the setting, with the library's own message of what went wrong."""
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         fail(f"--{setting}={name!r} looks like a local path, but nothing exists there.")
     try:
@@ -995,9 +963,8 @@ class StopRequest:
 
 
 def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
-    """This run's command line, resuming from `checkpoint`: launched the same way (as many processes, and a line on
-    what the script cannot know), without its own --resume (bare, with a value or =PATH) and --overwrite_output_dir,
-    which would delete the checkpoints."""
+    """This run's command line, launched the same way (as many processes), resuming from `checkpoint`: without its
+    own --resume (bare, with a value or =PATH) and --overwrite_output_dir, which would delete the checkpoints."""
     argv, dropped = list(sys.argv[1:] if argv is None else argv), ("--resume", "--overwrite_output_dir")
     kept = [token for i, token in enumerate(argv) if token.split("=", 1)[0] not in dropped
             and not (i and argv[i - 1] in dropped and not token.startswith("--"))]
@@ -1011,8 +978,7 @@ def resume_command(checkpoint: str, argv: Optional[list] = None) -> str:
 
 
 def prepare_tracking(args):
-    """wandb's project and entity; without credentials (WANDB_API_KEY, or ~/.netrc as `wandb login` writes it)
-    wandb logs offline, and one line says so, instead of asking for a login."""
+    """wandb's project and entity; without credentials (WANDB_API_KEY, ~/.netrc) it logs offline, and says so."""
     if args.report_to != "wandb":
         return
     os.environ["WANDB_PROJECT"] = args.wandb_project  # read by transformers' wandb callback
@@ -1115,8 +1081,7 @@ def build_tiny_assets(directory: str, seed: int = 0):
     fit(bert, examples, steps=200, lr=2e-3, pad_token_id=bert_tokenizer.pad_token_id)
     bert.save_pretrained(os.path.join(directory, "distilbert"))
     bert_tokenizer.save_pretrained(os.path.join(directory, "distilbert"))
-    with open(marker, "w") as handle:
-        handle.write(f"built in {time.time() - started:.1f}s\n")
+    write_json(marker, {"built_in_seconds": round(time.time() - started, 1)})
     print(f"Built tiny models and data in {directory} ({time.time() - started:.1f}s)")
 
 
@@ -1162,8 +1127,7 @@ def fit(model, examples: list[dict], steps: int, lr: float, batch_size: int = 32
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(e["input_ids"]) for e in batch], batch_first=True)
         labels = torch.stack([e["labels"] for e in batch]) if batch[0]["labels"].dim() == 0 else \
             ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
