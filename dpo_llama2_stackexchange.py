@@ -362,7 +362,8 @@ def merge_full_model(args: Args, tokenizer):
 # - the trainer is its own TrainerCallback (on_step_end, on_save): Ctrl-C or SIGTERM becomes the Trainer's own
 #   checkpoint at the end of the current step, then an exit that prints the command to resume
 # - DPOTrainer._total_train_tokens: the non-pad tokens trained on in this run, for eval.json (training_figures)
-# - bitsandbytes' Linear4bit.support_avx512bf16_for_cpu, turned off: that CPU repack breaks LoRA gradients
+# - bitsandbytes' Linear4bit.support_avx512bf16_for_cpu, off (load_model): its CPU repack in an eval pass breaks the
+#   LoRA gradients of every later backward pass (bitsandbytes 0.50, CPUs with AVX512-BF16)
 # - DPOConfig.use_liger_kernel where trl.import_utils finds liger-kernel, on a GPU: TRL's fused DPO loss
 from transformers import TrainerCallback
 from trl import DPOTrainer
