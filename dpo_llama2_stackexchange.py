@@ -521,7 +521,7 @@ def parse_args(argv: Optional[list] = None) -> Args:
     """`Args`: flags win over a preset, a preset over the constants. A notebook ignores its kernel's argv."""
     argv = [str(token) for token in (([] if "ipykernel" in sys.modules else sys.argv[1:]) if argv is None else argv)]
     parser = HfArgumentParser(Args, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
-    parser.error = lambda message: fail(f"{message}. `python {SCRIPT} --help` lists every setting.")
+    parser.error = lambda message: fail(f"{message.rstrip('.')}. `python {SCRIPT} --help` lists every setting.")
     for action in parser._actions:
         if action.dest == "resume":  # a bare --resume means the latest checkpoint in the output dir
             action.nargs, action.const = "?", "latest"
